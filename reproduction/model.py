@@ -1,0 +1,394 @@
+"""AlexNet as Krizhevsky, Sutskever & Hinton, "ImageNet Classification with Deep Convolutional
+Neural Networks" (NIPS 2012), describe it in §3 and draw it in Fig. 2.
+
+Five convolutional and three fully-connected layers, their kernels split into two towers as
+the net was split across two GTX 580 GPUs (§3.2): tower A holds the first half of every layer's
+kernel maps and tower B the second. "The GPUs communicate only in certain layers": conv3,
+fc6, fc7 and fc8 see the maps of both towers; conv2, conv4 and conv5 see only their own.
+
+Placement is a parameter, not a second model. Each tower's weights live on one device
+(`AlexNet(devices=("cuda:0", "cuda:1"))`, or one device for both) and activations move only
+where the towers communicate. Whatever the placement, the state_dict is the same: every layer's
+full tensors in the layout of a grouped net (`nn.Conv2d(groups=2)`, as in Caffe), e.g.
+conv2.weight 256×48×5×5, so a checkpoint saved under one placement loads under any other.
+
+    python -m reproduction.model [--set key=value ...]   # per-layer shapes, parameters, MACs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reproduction.config import PAPER, AlexNetConfig, override
+
+TOWER_NAMES = "ab"  # tower A (the first GPU) and tower B (the second)
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5
+
+
+class Towers(nn.Module):
+    """The kernels of one layer, divided between the towers (§3.2).
+
+    Tower t owns output units [t·C/T, (t+1)·C/T) as parameters `weight_a`, `bias_a` (tower B:
+    `_b`), so each tower's part can sit on its own device. `cross=False`: tower t sees only its
+    own tower's input maps (conv2, conv4, conv5). `cross=True`: each tower sees every input map,
+    moved to its device (conv1 reading the image, conv3, fc6, fc7, fc8).
+
+    `state_dict()` holds the canonical full tensors `weight` and `bias` (the towers' parts
+    concatenated along the output dimension), never the per-tower parts.
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], towers: int, cross: bool) -> None:
+        super().__init__()
+        out, *rest = weight_shape
+        if out % towers:
+            raise ValueError(f"{out} output maps do not divide between {towers} towers")
+        self.towers, self.cross = towers, cross
+        for t in TOWER_NAMES[:towers]:
+            self.register_parameter(f"weight_{t}", nn.Parameter(torch.empty(out // towers, *rest)))
+            self.register_parameter(f"bias_{t}", nn.Parameter(torch.empty(out // towers)))
+
+    def parts(self, name: str) -> list[Tensor]:
+        """The towers' parameters called `name` ("weight" or "bias"), tower A first."""
+        return [getattr(self, f"{name}_{t}") for t in TOWER_NAMES[: self.towers]]
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [w.device for w in self.parts("weight")]
+
+    def inputs(self, h: list[Tensor]) -> list[Tensor]:
+        """What each tower's kernels read: its own maps, or all maps moved to its device."""
+        if not self.cross:
+            if len(h) != self.towers:
+                raise ValueError(f"{len(h)} towers of input for a layer of {self.towers} towers")
+            return h
+        return [_concat([x.to(d) for x in h]) for d in self.devices]
+
+    def forward(self, h: list[Tensor]) -> list[Tensor]:
+        return [self.apply_tower(x, w, b)
+                for x, w, b in zip(self.inputs(h), self.parts("weight"), self.parts("bias"))]
+
+    def apply_tower(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in ("weight", "bias"):
+            parts = self.parts(name)
+            full = _concat([p.to(parts[0].device) for p in parts])
+            destination[prefix + name] = full if keep_vars else full.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        for name in ("weight", "bias"):
+            key, parts = prefix + name, self.parts(name)
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+            if tuple(value.shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(value.shape)} from checkpoint, the shape in current "
+                                  f"model is {torch.Size(shape)}.")
+                continue
+            with torch.no_grad():
+                for p, v in zip(parts, value.split(parts[0].shape[0])):
+                    p.copy_(v)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
+                                   and k[len(prefix):] not in ("weight", "bias"))
+
+
+class TowerConv2d(Towers):
+    """`out_channels` kernels of size k×k×`in_channels`, in the paper's words (§3.5)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, towers: int, cross: bool = False) -> None:
+        super().__init__((out_channels, in_channels, kernel_size, kernel_size), towers, cross)
+        self.stride, self.padding = stride, padding
+
+    def apply_tower(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
+
+    def extra_repr(self):
+        w = self.weight_a
+        return (f"{w.shape[1]}→{w.shape[0] * self.towers}, kernel {w.shape[2]}, stride {self.stride}, "
+                f"padding {self.padding}, towers {self.towers}, cross {self.cross}")
+
+
+class TowerLinear(Towers):
+    """A fully-connected layer: every unit sees all units of the previous layer (§3.2)."""
+
+    def __init__(self, in_features: int, out_features: int, *, towers: int) -> None:
+        super().__init__((out_features, in_features), towers, cross=True)
+
+    def apply_tower(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self):
+        w = self.weight_a
+        return f"{w.shape[1]}→{w.shape[0] * self.towers}, towers {self.towers}"
+
+
+class LocalResponseNorm(nn.Module):
+    """§3.3: b_i = a_i / (k + c·Σ_j a_j²)^β, the sum over the n maps centred on map i and
+    clipped at the edges of the tower's maps (applied to one tower at a time, so a window
+    never crosses into the other tower).
+
+    form="code": c = α/n, as in Krizhevsky's cuda-convnet2 (`scale /= size`) and
+    torch's `nn.LocalResponseNorm`; form="paper": c = α, the §3.3 formula read literally.
+    """
+
+    def __init__(self, size: int, alpha: float, beta: float, k: float, form: str) -> None:
+        super().__init__()
+        if form not in ("code", "paper"):
+            raise ValueError(f"LRN form must be 'code' or 'paper', got {form!r}")
+        self.size, self.alpha, self.beta, self.k, self.form = size, alpha, beta, k, form
+
+    def forward(self, x: Tensor) -> Tensor:
+        # F.local_response_norm divides its alpha by size; undo that for the literal form.
+        alpha = self.alpha * self.size if self.form == "paper" else self.alpha
+        return F.local_response_norm(x, self.size, alpha=alpha, beta=self.beta, k=self.k)
+
+    def extra_repr(self):
+        return f"n={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, form={self.form!r}"
+
+
+class Dropout(nn.Module):
+    """§4.2 as written: while training, zero each output with probability p; at test time use
+    all outputs "but multiply their outputs by 0.5" (1 − p). torch's nn.Dropout scales by
+    1/(1 − p) while training instead, which doubles what fc7 and fc8 learn from."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0:
+            return x
+        if self.training:
+            return x * torch.empty_like(x).bernoulli_(1 - self.p)
+        return x * (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class AlexNet(nn.Module):
+    """The paper's net (default) or any `AlexNetConfig` ablation of it.
+
+    devices: None (both towers on the CPU, movable with `.to`), one device, or one device per
+    tower, e.g. ("cuda:0", "cuda:1"); fc8 sits with tower A. See `place`.
+    """
+
+    def __init__(self, config: AlexNetConfig | None = None,
+                 devices: str | torch.device | Sequence[str | torch.device] | None = None) -> None:
+        super().__init__()
+        c = self.config = PAPER if config is None else config
+        if not isinstance(c, AlexNetConfig):
+            raise TypeError(f"config must be an AlexNetConfig, got {type(c).__name__}")
+        t = c.towers  # the one-tower net halves conv1-conv4 only (§3.2, footnote)
+        self.conv1 = TowerConv2d(3, 48 * t, 11, stride=4, towers=t, cross=True)  # 96×55×55: 96 kernels 11×11×3, stride 4
+        self.lrn1 = _lrn(c)                                                      # 96×55×55, §3.3
+        self.pool1 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 96×27×27, §3.4
+        self.conv2 = TowerConv2d(48, 128 * t, 5, padding=2, towers=t)            # 256×27×27: 256 kernels 5×5×48
+        self.lrn2 = _lrn(c)                                                      # 256×27×27
+        self.pool2 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 256×13×13
+        self.conv3 = TowerConv2d(128 * t, 192 * t, 3, padding=1, towers=t, cross=True)  # 384×13×13: 384 kernels 3×3×256
+        self.conv4 = TowerConv2d(192, 192 * t, 3, padding=1, towers=t)           # 384×13×13: 384 kernels 3×3×192
+        self.conv5 = TowerConv2d(192, 256, 3, padding=1, towers=t)               # 256×13×13: 256 kernels 3×3×192
+        self.pool5 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 256×6×6
+        self.fc6 = TowerLinear(256 * 6 * 6, 4096, towers=t)                      # 4096
+        self.drop6 = Dropout(c.dropout)                                          # §4.2
+        self.fc7 = TowerLinear(4096, 4096, towers=t)                             # 4096
+        self.drop7 = Dropout(c.dropout)
+        self.fc8 = TowerLinear(4096, c.num_classes, towers=1)                    # 1000, softmax in the loss
+        self.act = nn.ReLU() if c.activation == "relu" else nn.Tanh()            # §3.1, after every layer but fc8
+        paper_init(self)
+        self.place(devices)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x)
+        # DEVIATION(§3.5): the paper feeds 224×224 patches yet gets 55×55 maps from an 11×11
+        # stride-4 conv1, which floor arithmetic does not give (54). Krizhevsky's code lets the
+        # last window overhang the image by 3 pixels; zero-padding bottom and right is the same.
+        x = F.pad(x, (0, 3, 0, 3))                      # 3×227×227
+        h = self.conv1([x])                             # 96×55×55, as 2 towers × 48
+        h = each(h, self.act, self.lrn1, self.pool1)    # 96×27×27: ReLU, then LRN (§3.3), then pool
+        h = self.conv2(h)                               # 256×27×27, each tower from its own 48 maps
+        h = each(h, self.act, self.lrn2, self.pool2)    # 256×13×13
+        h = each(self.conv3(h), self.act)               # 384×13×13, from all 256 maps of both towers
+        h = each(self.conv4(h), self.act)               # 384×13×13, each tower from its own 192
+        h = each(self.conv5(h), self.act, self.pool5)   # 256×6×6, each tower from its own 192
+        h = [torch.flatten(x, 1) for x in h]            # 9216 = 256·6·6
+        h = each(self.fc6(h), self.act, self.drop6)     # 4096, from both towers
+        h = each(self.fc7(h), self.act, self.drop7)     # 4096
+        (logits,) = self.fc8(h)                         # 1000, on tower A's device
+        return logits
+
+    def place(self, devices: str | torch.device | Sequence[str | torch.device] | None) -> AlexNet:
+        """Put tower t's part of every layer on devices[t] (fc8 with tower A), or everything on
+        one device. Returns self. `.to(device)` also works; it moves both towers to one device."""
+        if devices is None:
+            devices = ["cpu"]
+        elif isinstance(devices, (str, torch.device)):
+            devices = [devices]
+        devices = [torch.device(d) for d in devices]
+        if len(devices) not in (1, self.config.towers):
+            raise ValueError(f"{len(devices)} devices for a net of {self.config.towers} tower(s): "
+                             f"give one device, or one per tower")
+        for name in LAYERS:
+            layer = getattr(self, name)
+            for t in range(layer.towers):
+                d = devices[t % len(devices)]
+                for kind in ("weight", "bias"):
+                    p = getattr(layer, f"{kind}_{TOWER_NAMES[t]}")
+                    p.data = p.data.to(d)
+        return self
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """The device of each tower, tower A first."""
+        return tuple(self.conv1.devices)
+
+
+def each(h: list[Tensor], *layers: nn.Module) -> list[Tensor]:
+    """Apply layers that act within a tower's maps (activation, LRN, pooling, dropout) to every tower."""
+    out = []
+    for x in h:
+        for layer in layers:
+            x = layer(x)
+        out.append(x)
+    return out
+
+
+def paper_init(model: AlexNet) -> None:
+    """§5: "We initialized the weights in each layer from a zero-mean Gaussian distribution with
+    standard deviation 0.01. We initialized the neuron biases in the second, fourth, and fifth
+    convolutional layers, as well as in the fully-connected hidden layers, with the constant 1
+    [...] We initialized the neuron biases in the remaining layers with the constant 0."
+
+    The std and the constant are `config.init_std` and `config.init_bias`. Draws tower A's
+    weights before tower B's, layer by layer, from torch's default generator.
+    """
+    c = model.config
+    with torch.no_grad():
+        for name in LAYERS:
+            layer = getattr(model, name)
+            for weight, bias in zip(layer.parts("weight"), layer.parts("bias")):
+                weight.normal_(0.0, c.init_std)
+                bias.fill_(c.init_bias if name in BIAS_ONE_LAYERS else 0.0)
+
+
+def default_devices(towers: int = 2) -> tuple[str, ...]:
+    """Where the towers go unless told otherwise: two CUDA devices when two are visible (the
+    paper's two GPUs), else the one CUDA device, else the CPU."""
+    n = torch.cuda.device_count()
+    if n >= 2 and towers == 2:
+        return ("cuda:0", "cuda:1")
+    return ("cuda:0",) if n >= 1 else ("cpu",)
+
+
+def _lrn(c: AlexNetConfig) -> nn.Module:
+    if c.lrn == "none":
+        return nn.Identity()
+    return LocalResponseNorm(c.lrn_size, c.lrn_alpha, c.lrn_beta, c.lrn_k, form=c.lrn)
+
+
+def _concat(xs: list[Tensor]) -> Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"AlexNet takes a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (224, 224):
+        raise ValueError("AlexNet takes a batch N×3×224×224 (RGB patches of 224×224, §3.5 and "
+                         f"§4.1); got a tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"AlexNet takes floating-point pixels (mean-subtracted, §2); got {x.dtype}")
+
+
+# --- python -m reproduction.model: what each layer of a config computes --------------------
+
+def layer_table(model: AlexNet) -> list[dict]:
+    """One row per layer for a single 224×224 image: output shape, parameters, multiply-adds.
+
+    MACs count the conv and fc multiply-accumulates only (no bias, activation, LRN or pooling).
+    """
+    rows: dict[str, dict] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            outs = output if isinstance(output, list) else [output]
+            row = rows.setdefault(name, {"layer": name, "towers": [], "params": 0, "macs": 0})
+            row["towers"] += [tuple(o.shape[1:]) for o in outs]
+            if isinstance(module, Towers):
+                row["params"] = sum(p.numel() for p in module.parameters())
+                row["macs"] = sum(o[0].numel() * w[0].numel() for o, w in zip(outs, module.parts("weight")))
+        return hook
+
+    names = ["conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5",
+             "pool5", "fc6", "fc7", "fc8"]
+    handles = [getattr(model, n).register_forward_hook(record(n)) for n in names]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 224, 224, device=model.devices[0]))
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    table = [{"layer": "input", "shape": (3, 224, 224), "split": "", "params": 0, "macs": 0},
+             {"layer": "pad", "shape": (3, 227, 227), "split": "", "params": 0, "macs": 0,
+              "note": "3 px overhang, bottom/right: DEVIATION(§3.5)"}]
+    for n in names:
+        row = rows[n]
+        shapes = row.pop("towers")
+        channels = sum(s[0] for s in shapes)
+        split = " + ".join(str(s[0]) for s in shapes) if len(shapes) > 1 else ""
+        table.append({**row, "shape": (channels, *shapes[0][1:]), "split": split})
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m reproduction.model",
+        description="Print the network layer by layer for one 224×224 image: output shape, "
+                    "how the maps divide between the towers, parameters and multiply-accumulates. "
+                    "With no options: the paper's net (60,965,224 parameters, 724,406,816 MACs).",
+        epilog="Config keys (paper value): " + ", ".join(
+            f"{k}={v!r}" for k, v in PAPER.__dict__.items()) + ". Example: --set towers=1 lrn=none")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set lrn=none pool_kernel=2")
+    args = parser.parse_args(argv)
+    try:
+        config = override(PAPER, args.set)
+    except ValueError as e:
+        parser.error(str(e))
+    model = AlexNet(config)
+    changed = {k: v for k, v in config.__dict__.items() if getattr(PAPER, k) != v}
+    print(f"AlexNet, {'the paper' if not changed else 'paper + ' + str(changed)}")
+    table = layer_table(model)
+    print(f"{'layer':<7} {'output':>12} {'towers':>11} {'params':>12} {'MACs':>13}")
+    for r in table:
+        shape = "×".join(map(str, r["shape"]))
+        params = f"{r['params']:,}" if r["params"] else ""
+        macs = f"{r['macs']:,}" if r["macs"] else ""
+        print(f"{r['layer']:<7} {shape:>12} {r['split']:>11} {params:>12} {macs:>13}  {r.get('note', '')}".rstrip())
+    params = sum(r["params"] for r in table)
+    macs = sum(r["macs"] for r in table)
+    assert params == sum(p.numel() for p in model.parameters())
+    print(f"{'total':<7} {'':>12} {'':>11} {params:>12,} {macs:>13,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
