@@ -80,7 +80,7 @@ class Towers(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for name in ("weight", "bias"):
             parts = self.parts(name)
-            full = _concat([p.to(parts[0].device) for p in parts])
+            full = _concat([p.to(parts[0].device) for p in parts], dim=0)
             destination[prefix + name] = full if keep_vars else full.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
@@ -301,8 +301,8 @@ def _lrn(c: AlexNetConfig) -> nn.Module:
     return LocalResponseNorm(c.lrn_size, c.lrn_alpha, c.lrn_beta, c.lrn_k, form=c.lrn)
 
 
-def _concat(xs: list[Tensor]) -> Tensor:
-    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+def _concat(xs: list[Tensor], dim: int = 1) -> Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
 
 
 def _check_input(x: Tensor) -> None:
