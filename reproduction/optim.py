@@ -1,0 +1,96 @@
+"""The paper's optimiser and learning-rate rule (§5).
+
+§5: "We trained our models using stochastic gradient descent with a batch size of 128
+examples, momentum of 0.9, and weight decay of 0.0005. [...] The update rule for weight w was
+
+    v_{i+1} := 0.9·v_i − 0.0005·ε·w_i − ε·⟨∂L/∂w|_{w_i}⟩_{D_i}
+    w_{i+1} := w_i + v_{i+1}"
+
+The learning rate ε sits inside the velocity. torch.optim.SGD keeps it outside (v ← μv + g;
+w ← w − ε·v): the two agree while ε is constant, but at a drop torch rescales the whole
+accumulated velocity at once, while here the old velocity, which carries the old ε, decays
+over ~1/(1 − 0.9) = 10 steps. Weight decay applies to weights only, not biases: the text is
+silent; Krizhevsky's cuda-convnet2 (no `wc` for biases) and Caffe (`decay_mult: 0`) both exempt them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """§5's momentum SGD with ε inside the velocity. `weight_decay` per parameter group, so
+    `paper_param_groups` can exempt biases. Changing `group["lr"]` is a learning-rate drop."""
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not value >= 0:
+                raise ValueError(f"PaperSGD {name} must be >= 0, got {value}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            velocity = []
+            for p in params:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                velocity.append(state["velocity"])
+            grads = [p.grad for p in params]
+            # v ← μ·v − wd·ε·w − ε·g ; w ← w + v, as foreach ops (one kernel per op and device).
+            torch._foreach_mul_(velocity, mu)
+            if wd:
+                torch._foreach_add_(velocity, params, alpha=-wd * lr)
+            torch._foreach_add_(velocity, grads, alpha=-lr)
+            torch._foreach_add_(params, velocity)
+        return loss
+
+
+def paper_param_groups(model: nn.Module, weight_decay: float = 5e-4) -> list[dict]:
+    """Two groups: the weights (decayed) and the biases (not decayed; see the module docstring)."""
+    weights, biases = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (biases if p.ndim == 1 else weights).append(p)
+    return [{"params": weights, "weight_decay": weight_decay},
+            {"params": biases, "weight_decay": 0.0}]
+
+
+def fixed_schedule_lr(epoch: int, base_lr: float, drop_epochs: Sequence[int], factor: float = 0.1) -> float:
+    """ε for `epoch` (0-based) when it is divided by 1/factor at each listed epoch: a schedule
+    repeatable to the step (e.g. drops at 30, 60, 80 of 90 epochs)."""
+    return base_lr * factor ** sum(1 for e in drop_epochs if epoch >= e)
+
+
+def plateau_lr(val_errors: Iterable[float], base_lr: float, *, patience: int, min_improvement: float,
+               max_drops: int = 3, factor: float = 0.1) -> float:
+    """ε for the next epoch under the stated plateau rule, from the centre-patch validation
+    errors of the epochs so far (a pure function of the history, so a resumed run agrees).
+
+    §5: "The heuristic which we followed was to divide the learning rate by 10 when the
+    validation error rate stopped improving with the current learning rate", three times in
+    all. Stated here as: ε is divided by 1/factor once `patience` consecutive epochs at the
+    current ε have failed to beat the best error seen at that ε by more than `min_improvement`
+    (absolute), at most `max_drops` times. The count restarts after each drop.
+    """
+    lr, drops, best, stale = base_lr, 0, float("inf"), 0
+    for err in val_errors:
+        if err < best - min_improvement:
+            best, stale = err, 0
+        else:
+            stale += 1
+        if stale >= patience and drops < max_drops:
+            lr, drops, best, stale = lr * factor, drops + 1, float("inf"), 0
+    return lr
