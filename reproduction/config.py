@@ -1,7 +1,9 @@
-"""The network's hyperparameters: one frozen dataclass whose defaults are the paper's values.
+"""Every hyperparameter of a run, as frozen dataclasses whose defaults are the paper's values.
 
-Ablations are `dataclasses.replace(PAPER, ...)` diffs; command-line overrides go through
-`override`, which rejects unknown keys and wrongly typed values instead of guessing.
+`AlexNetConfig` is the network (§3), `DataConfig` the input pipeline (§2, §4.1), `TrainConfig`
+the recipe (§5), and `RunConfig` holds one of each. Ablations are `dataclasses.replace` diffs
+(reproduction/experiments.py); command-line overrides go through `override`, which rejects
+unknown keys and wrongly typed values instead of guessing.
 """
 
 from __future__ import annotations
@@ -62,12 +64,39 @@ def override(config: Any, items: Mapping[str, Any] | Iterable[str]) -> Any:
                 raise ValueError(f"override {item!r} is not of the form key=value")
             pairs[key.strip()] = _parse_value(text.strip())
         items = pairs
+    if any(_is_config(getattr(config, f.name)) for f in dataclasses.fields(config)):
+        return _override_parts(config, items)
     names = [f.name for f in dataclasses.fields(config)]
     unknown = sorted(set(items) - set(names))
     if unknown:
         raise ValueError(f"unknown {type(config).__name__} key(s) {', '.join(unknown)}; "
                          f"allowed keys: {', '.join(names)}")
     return dataclasses.replace(config, **items)
+
+
+def _override_parts(config: Any, items: Mapping[str, Any]) -> Any:
+    """Route each key of a flat or dotted ("model.lrn") override to the part that owns it."""
+    parts = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    owner = {k.name: name for name, part in parts.items() for k in dataclasses.fields(part)}
+    routed: dict[str, dict] = {name: {} for name in parts}
+    for key, value in items.items():
+        part, dot, field = key.rpartition(".")
+        if dot and part in parts:
+            routed[part][field] = value
+        elif not dot and key in parts and isinstance(value, Mapping):
+            routed[key].update(value)  # a whole part, e.g. from config.json
+        elif not dot and key in owner:
+            routed[owner[key]][key] = value
+        else:
+            raise ValueError(f"unknown {type(config).__name__} key {key!r}; allowed keys: "
+                             + "; ".join(f"{name}: {', '.join(f.name for f in dataclasses.fields(p))}"
+                                         for name, p in parts.items()))
+    return dataclasses.replace(config, **{name: override(parts[name], routed[name])
+                                          for name in parts if routed[name]})
+
+
+def _is_config(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 def from_dict(cls: type, values: Mapping[str, Any]) -> Any:
@@ -85,11 +114,18 @@ def _parse_value(text: str) -> Any:
 def _check_types(config: Any) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        expected = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, f.name, float(value))  # 2 for a float field means 2.0
-            ok = True
+        if f.type == "tuple[int, ...]":
+            if isinstance(value, list):  # JSON has no tuples
+                value = tuple(value)
+                object.__setattr__(config, f.name, value)
+            ok = isinstance(value, tuple) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)
+        else:
+            expected = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(config, f.name, float(value))  # 2 for a float field means 2.0
+                ok = True
         if not ok:
             raise ValueError(f"{type(config).__name__}.{f.name} must be of type {f.type}, "
                              f"got {value!r} ({type(value).__name__})")
@@ -102,3 +138,81 @@ def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
 
 
 PAPER = AlexNetConfig()  # the paper's net; ablations are dataclasses.replace(PAPER, ...)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images become the net's input (§2, §4.1); read by reproduction/data.py.
+
+    Where the text is ambiguous, the default is Krizhevsky's code (cuda-convnet2 convdata.py) and
+    the literal reading is an option: mean="offset" with lighting="paper".
+    """
+    crop: int = 224            # §4.1: side of the training patch and of the test patches, cut from 256×256
+    flip: bool = True          # §4.1: reflect training patches horizontally with probability 0.5
+    mean: str = "centre"       # §2: "centre" = the mean image's centre patch whatever the offset (cuda-convnet2) | "offset" = the mean at the patch's offset
+    lighting: str = "code"     # §4.1: "code" = noise scaled by √λ on 0–255, image then ×1/(1+lighting_std) (cuda-convnet2) | "paper" = λ of [0,1] pixels, no rescaling | "none"
+    lighting_std: float = 0.1  # §4.1: α_i ~ N(0, 0.1), drawn per image each time it is used
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(self, "crop", 1 <= self.crop <= 256,
+                 "an integer in [1, 256] (patches are cut from the 256×256 image, §2)")
+        _require(self, "mean", self.mean in ("centre", "offset"), "'centre' or 'offset'")
+        _require(self, "lighting", self.lighting in ("code", "paper", "none"), "'code', 'paper' or 'none'")
+        _require(self, "lighting_std", math.isfinite(self.lighting_std) and self.lighting_std >= 0,
+                 "a number >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (§5). Opt-in speed flags change the arithmetic and are recorded in
+    the run's config.json; the defaults are the paper's fp32 arithmetic."""
+    batch_size: int = 128                  # §5: "a batch size of 128 examples"
+    lr: float = 0.01                       # §5: ε, equal for all layers, initialised at 0.01
+    momentum: float = 0.9                  # §5
+    weight_decay: float = 5e-4             # §5; on weights only (biases exempt, as in cuda-convnet2 and Caffe)
+    epochs: int = 90                       # §5: "roughly 90 cycles through the training set"
+    schedule: str = "plateau"              # §5: "plateau" = ÷10 when val error stops improving | "fixed" = ÷10 at drop_epochs
+    drop_epochs: tuple[int, ...] = (30, 60, 80)  # schedule="fixed": the (0-based) epochs that start at ε/10, ε/100, ...
+    patience: int = 3                      # schedule="plateau": epochs without improvement before a drop (our statement of §5's rule)
+    min_improvement: float = 0.001         # schedule="plateau": a smaller fall in centre-patch val top-1 error is no improvement
+    max_drops: int = 3                     # §5: "reduced three times prior to termination"
+    seed: int = 0                          # every random stream of the run derives from it
+    stuck_steps: int = 5000                # guard: stop if the loss is still at chance, ln(C), after this many steps (warn at a fifth)
+    precision: str = "fp32"                # "fp32" (the paper's) | "bf16" autocast (opt-in, not in the paper)
+    channels_last: bool = False            # opt-in memory format (not in the paper)
+    compile: bool = False                  # opt-in torch.compile (not in the paper)
+    deterministic: bool = False            # torch.use_deterministic_algorithms (bit-exact reruns, slower on GPU)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("batch_size", "epochs", "patience", "stuck_steps"):
+            _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        _require(self, "max_drops", self.max_drops >= 0, "an integer >= 0")
+        for name in ("lr", "momentum", "weight_decay", "min_improvement"):
+            _require(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        _require(self, "schedule", self.schedule in ("plateau", "fixed"), "'plateau' or 'fixed'")
+        _require(self, "drop_epochs", list(self.drop_epochs) == sorted(set(self.drop_epochs))
+                 and all(e >= 1 for e in self.drop_epochs), "increasing epochs >= 1, e.g. (30, 60, 80)")
+        _require(self, "precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment: the net (§3), its input pipeline (§2, §4.1) and its recipe (§5).
+
+    `override(run, {"lrn": "none"})` finds the part that owns a key; keys are unique across
+    the parts, and "model.lrn" names the part explicitly.
+    """
+    model: AlexNetConfig = dataclasses.field(default_factory=AlexNetConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            kind = {"model": AlexNetConfig, "data": DataConfig, "train": TrainConfig}[f.name]
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping):  # from a run's config.json
+                object.__setattr__(self, f.name, from_dict(kind, value))
+            elif not isinstance(value, kind):
+                raise ValueError(f"RunConfig.{f.name} must be a {kind.__name__}, got {type(value).__name__}")
