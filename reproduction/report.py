@@ -1,0 +1,202 @@
+"""Write results/README.md from the run folders under results/: our numbers beside the paper's
+Tables 1 and 2 and its ablation effects, with n seeds, epochs and the run folders behind each.
+
+    python -m reproduction.report [--results results]
+
+A run folder is any folder holding config.json, metrics.jsonl and final.json (as written by
+`python -m reproduction.train`); only those text files are meant to be committed, never the
+checkpoints beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+# The paper's reported numbers (top-1 / top-5 error, %).
+PAPER_TABLES = [
+    ("Table 1: ILSVRC-2010 test, 1 CNN, ten patches", 37.5, 17.0),
+    ("§6 footnote: ILSVRC-2010 test, 1 CNN, centre patch only", 39.0, 18.3),
+    ("Table 2: ILSVRC-2012 val, 1 CNN (ten patches)", 40.7, 18.2),
+]
+# Error added by each ablation, as the paper reports it (top-1, top-5; None: not reported).
+PAPER_EFFECTS = {
+    "no_lrn": ("§3.3", 1.4, 1.2),
+    "no_overlap_pool": ("§3.4", 0.4, 0.3),
+    "one_tower": ("§3.2", 1.7, 1.2),
+    "no_pca_lighting": ("§4.1", "> 1", None),
+    "tanh": ("§3.1", None, None),
+    "no_dropout": ("§4.2", None, None),
+    "lrn_literal": ("§3.3", None, None),
+    "augment_literal": ("§4.1", None, None),
+}
+
+
+def find_runs(results: Path) -> list[dict]:
+    """Every finished run folder under `results`, with its config, metrics and final numbers."""
+    found = []
+    for final in sorted(results.rglob("final.json")):
+        folder = final.parent
+        if not (folder / "config.json").exists():
+            continue
+        meta = json.loads((folder / "config.json").read_text())
+        metrics_path = folder / "metrics.jsonl"
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()
+                   if line.strip()] if metrics_path.exists() else []
+        found.append({"folder": folder, "meta": meta, "metrics": metrics,
+                      "final": json.loads(final.read_text())})
+    return found
+
+
+def group_runs(found: list[dict]) -> dict[tuple, list[dict]]:
+    """(dataset, experiment, epochs) -> runs (one per seed)."""
+    groups = defaultdict(list)
+    for r in found:
+        key = (r["meta"]["data"].get("dataset") or "?", r["meta"]["experiment"], r["final"]["epochs"])
+        groups[key].append(r)
+    return dict(sorted(groups.items()))
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def fmt(mean: float, sd: float) -> str:
+    return f"{mean:.2f}" if sd != sd else f"{mean:.2f} ± {sd:.2f}"
+
+
+def errors(runs: list[dict], protocol: str, which: str) -> list[float]:
+    return [100 * r["final"][protocol][f"{which}_error"] for r in runs]
+
+
+def links(runs: list[dict], base: Path) -> str:
+    return ", ".join(f"[{r['folder'].name}]({r['folder'].relative_to(base).as_posix()})" for r in runs)
+
+
+def results_table(groups: dict, base: Path) -> list[str]:
+    lines = ["| data | experiment | seeds | epochs | top-1 (centre) | top-5 (centre) | top-1 (10 patches) "
+             "| top-5 (10 patches) | runs |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (dataset, experiment, epochs), runs in groups.items():
+        cells = [fmt(*mean_sd(errors(runs, p, w))) for p in ("centre", "ten_patch") for w in ("top1", "top5")]
+        lines.append(f"| {dataset} | {experiment} | {len(runs)} | {epochs} | " + " | ".join(cells)
+                     + f" | {links(runs, base)} |")
+    return lines
+
+
+def ablation_table(groups: dict) -> list[str]:
+    """Each ablation minus `paper` on the same data and epochs (centre patch), ± the two groups'
+    seed-to-seed sd combined as √(sd_a² + sd_p²)."""
+    lines = ["| data | ablation | seeds | Δ top-1 (ours) | Δ top-5 (ours) | Δ top-1 (paper) | Δ top-5 (paper) "
+             "| beyond the seed spread? |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for (dataset, experiment, epochs), runs in groups.items():
+        base = groups.get((dataset, "paper", epochs))
+        if experiment == "paper" or base is None:
+            continue
+        deltas = []
+        for which in ("top1", "top5"):
+            (ma, sa), (mp, sp) = mean_sd(errors(runs, "centre", which)), mean_sd(errors(base, "centre", which))
+            sd = (sa ** 2 + sp ** 2) ** 0.5
+            deltas.append((ma - mp, sd))
+        section, p1, p5 = PAPER_EFFECTS.get(experiment, ("", None, None))
+        spread = deltas[0][1]
+        verdict = "n < 2 seeds" if spread != spread else ("yes" if abs(deltas[0][0]) > 2 * spread else "no")
+        show = lambda v: "—" if v is None else (f"+{v}" if isinstance(v, float) else v)
+        lines.append(f"| {dataset} | {experiment} ({section}) | {len(runs)} vs {len(base)} | "
+                     f"{deltas[0][0]:+.2f} ± {deltas[0][1]:.2f} | {deltas[1][0]:+.2f} ± {deltas[1][1]:.2f} | "
+                     f"{show(p1)} | {show(p5)} | {verdict} |")
+    return lines
+
+
+def ten_patch_table(groups: dict) -> list[str]:
+    lines = ["| data | experiment | Δ top-1 (centre − 10 patches) | Δ top-5 | paper (ILSVRC-2010) |",
+             "|---|---|---:|---:|---|"]
+    for (dataset, experiment, epochs), runs in groups.items():
+        d = [mean_sd([c - t for c, t in zip(errors(runs, "centre", w), errors(runs, "ten_patch", w))])
+             for w in ("top1", "top5")]
+        lines.append(f"| {dataset} | {experiment} | {fmt(*d[0])} | {fmt(*d[1])} | 1.5 / 1.3 |")
+    return lines
+
+
+def plot_curves(groups: dict, out: Path) -> list[Path]:
+    """One PNG per data set: centre-patch val top-1 error (solid) and training error (dashed)
+    against epochs, each experiment's seeds averaged."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset in sorted({k[0] for k in groups}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (d, experiment, epochs), runs in groups.items():
+            if d != dataset:
+                continue
+            n = min(len(r["metrics"]) for r in runs)
+            if n == 0:
+                continue
+            epochs_axis = [e + 1 for e in range(n)]
+            val = [statistics.fmean(100 * r["metrics"][e]["val_top1_error"] for r in runs) for e in range(n)]
+            tr = [statistics.fmean(100 * r["metrics"][e]["train_error"] for r in runs) for e in range(n)]
+            line, = ax.plot(epochs_axis, val, label=f"{experiment} val (n={len(runs)})")
+            ax.plot(epochs_axis, tr, "--", color=line.get_color(), alpha=0.6)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("top-1 error (%)")
+        ax.set_title(f"{dataset}: validation top-1 (solid, centre patch) and training error (dashed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"curves-{dataset}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(results: Path) -> Path:
+    results = Path(results)
+    groups = group_runs(find_runs(results))
+    lines = ["# Results", "",
+             "Written by `python -m reproduction.report` from the run folders below; every number "
+             "links to the run folder(s) that produced it (config.json there holds the command, "
+             "the resolved config, the git SHA and the device). Errors are in %, mean ± sd over "
+             "seeds (sd shown when n ≥ 2).", "",
+             "## The paper's numbers", "", "| what | top-1 | top-5 |", "|---|---:|---:|"]
+    lines += [f"| {what} | {t1} | {t5} |" for what, t1, t5 in PAPER_TABLES]
+    lines += ["", "## Ours", ""]
+    if not groups:
+        lines += ["No finished runs yet (a run folder needs config.json, metrics.jsonl and final.json)."]
+    else:
+        lines += ["None of these is ILSVRC: each row names its data set, so compare them with the "
+                  "paper's numbers for direction and size only.", ""]
+        lines += results_table(groups, results)
+        lines += ["", "### Ablations: error added by each change (centre patch, ours vs the paper's ILSVRC "
+                  "numbers)", "", "Δ = ablation − `paper` on the same data and epochs; ± combines the two "
+                  "groups' seed-to-seed sd. \"Beyond the seed spread\" means |Δ top-1| > 2 × that sd.", ""]
+        lines += ablation_table(groups)
+        lines += ["", "### Ten patches vs the centre patch (§4.1)", ""]
+        lines += ten_patch_table(groups)
+        lines += ["", "### Training curves", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plot_curves(groups, results)]
+    path = results / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reproduction.report",
+                                     description="Write RESULTS/README.md (and curve PNGs) from the run "
+                                                 "folders under RESULTS, beside the paper's numbers.")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="the results folder (default: results)")
+    args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"{args.results} is not a folder")
+    print(f"wrote {write_report(args.results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

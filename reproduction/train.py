@@ -1,0 +1,327 @@
+"""Train the paper's net with the paper's recipe (§5), evaluating it as the paper did (§4.1, §6).
+
+    python -m reproduction.train --experiment paper --data DIR [--out DIR] [--set key=value ...]
+    python -m reproduction.train --resume --out DIR
+
+SGD with ε inside the velocity (reproduction/optim.py), batch 128, ε = 0.01 divided by 10 on
+a stated plateau rule or at fixed epochs. Each epoch appends a line to metrics.jsonl and
+rewrites checkpoint.pt atomically; Ctrl-C checkpoints at the next step boundary. A resumed
+run sees the same batches, draws the same dropout masks and ends bit-identical (CPU,
+deterministic) to one that was never interrupted: every random stream is a function of
+(seed, epoch, step), never of how often the process was started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reproduction import runs
+from reproduction.config import RunConfig, from_dict, override
+from reproduction.data import PackedSet, load_stats, num_batches, train_batches
+from reproduction.evaluate import autocast, evaluate, final_metrics
+from reproduction.experiments import EXPERIMENTS
+from reproduction.model import AlexNet, default_devices
+from reproduction.optim import PaperSGD, fixed_schedule_lr, paper_param_groups, plateau_lr
+
+_DROPOUT = 2  # key that keeps the dropout stream apart from the data's streams (data.py uses 0, 1)
+
+
+class TrainingStopped(RuntimeError):
+    """The guard stopped the run; the message says why and what to try."""
+
+
+def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:
+    """ε for the next epoch, from the centre-patch validation errors of the epochs so far."""
+    t = config.train
+    if t.schedule == "fixed":
+        return fixed_schedule_lr(len(val_errors), t.lr, t.drop_epochs)
+    return plateau_lr(val_errors, t.lr, patience=t.patience, min_improvement=t.min_improvement,
+                      max_drops=t.max_drops)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of torch's generators (dropout) for global step `step`."""
+    return int(np.random.SeedSequence([seed, _DROPOUT, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Guard:
+    """Stops a run that cannot learn. A NaN/inf loss stops at once. A loss still at chance,
+    ln(C), after `stuck_steps` steps stops too (a warning comes at a fifth of that): the paper's
+    bias-1 initialisation sits at chance for a while before it learns (~400-600 steps on a
+    50-class subset, PAPER-SPEC §10) and in several frameworks never leaves it."""
+
+    def __init__(self, num_classes: int, stuck_steps: int, log: Callable[[str], None]) -> None:
+        self.chance, self.stuck_steps, self.log = math.log(num_classes), stuck_steps, log
+        self.recent: deque[float] = deque(maxlen=100)
+        self.warned = False
+
+    def check(self, loss: float, step: int, lr: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingStopped(
+                f"loss became {loss} at step {step} (ε = {lr:g}). Try a smaller learning rate "
+                f"(--set lr={lr / 10:g}), precision=fp32 if you used bf16, and check that the data's "
+                f"mean was subtracted (inputs of thousands overflow). The last checkpoint is intact.")
+        self.recent.append(loss)
+        at_chance = (len(self.recent) == self.recent.maxlen
+                     and abs(sum(self.recent) / len(self.recent) - self.chance) < 0.01 * self.chance)
+        if not at_chance:
+            return
+        advice = ("the paper's biases of 1 can hold the loss there for a while; try --set init_bias=0.1 "
+                  "(Caffe's bvlc_alexnet choice), a smaller lr, or a larger stuck_steps to wait longer")
+        if step >= self.stuck_steps:
+            raise TrainingStopped(f"the loss is still at chance, ln({round(math.exp(self.chance))}) = "
+                                  f"{self.chance:.3f}, after {step} steps: {advice}.")
+        if step >= self.stuck_steps // 5 and not self.warned:
+            self.warned = True
+            self.log(f"warning: the loss is at chance ({self.chance:.3f}) after {step} steps; the run "
+                     f"stops at {self.stuck_steps} if it stays there ({advice})")
+
+
+class Interrupt:
+    """First Ctrl-C: finish the step, checkpoint, stop. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: checkpointing after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
+    """'cpu', 'cuda:0' or 'cuda:0,cuda:1' (one per tower); None: `default_devices`."""
+    names = default_devices(towers) if not text else [d.strip() for d in text.split(",")]
+    return tuple(torch.device(d) for d in names)
+
+
+def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "custom",
+          resume: bool = False, devices: Sequence[torch.device] | None = None,
+          workers: int | None = None, max_epochs: int | None = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) training into the run folder `out`; returns the final metrics.
+
+    max_epochs stops after that many epochs in this process (for tests and staged runs); the
+    run folder then resumes with --resume.
+    """
+    t = config.train
+    train_set, val_set = PackedSet(data_dir, "train"), PackedSet(data_dir, "val")
+    stats = load_stats(data_dir)
+    classes = len(train_set.classes)
+    if config.model.num_classes not in (classes, 1000):
+        raise ValueError(f"num_classes={config.model.num_classes} but {data_dir} has {classes} classes")
+    config = override(config, {"num_classes": classes})  # fc8's width follows the data
+    devices = tuple(devices or parse_devices(None, config.model.towers))
+    home = devices[0]  # batches arrive on tower A's device; conv1 hands them to each tower
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if t.deterministic:  # process-wide; on CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8
+        torch.use_deterministic_algorithms(True)
+
+    torch.manual_seed(t.seed)  # the initial weights (§5)
+    model = AlexNet(config.model, devices=devices)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    position = {"epoch": 0, "batch": 0, "step": 0, "sums": _zero_sums()}
+    checkpoint = out / runs.CHECKPOINT
+    if resume:
+        state = runs.load_checkpoint(checkpoint)
+        saved = from_dict(RunConfig, state["config"])
+        changed = _differences(saved, config)
+        if changed:
+            log(f"resuming with a changed config ({changed}): the run is no longer one run of one config")
+        meta = runs.read_json(out / "config.json")
+        meta.setdefault("resumed", []).append({"at": position_text(state["position"]), "changed": changed,
+                                               "git": runs.git_state(), "command": sys.argv})
+        meta["config"] = runs.config_dict(config)
+        runs.write_json(out / "config.json", meta)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        position = state["position"]
+        history = runs.keep_metrics_before(out, position["epoch"])
+        log(f"resumed {out} at {position_text(position)}")
+    else:
+        if checkpoint.exists():
+            raise FileExistsError(f"{out} already holds a run; use --resume to continue it or another --out")
+        history = []
+        runs.write_json(out / "config.json", {
+            "experiment": experiment, "config": runs.config_dict(config), "command": sys.argv,
+            "git": runs.git_state(), "environment": runs.environment(devices),
+            "data": {"path": str(data_dir), "dataset": train_set.manifest.get("dataset"),
+                     "train_images": len(train_set), "val_images": len(val_set), "classes": classes},
+            "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
+                                          "compile": t.compile, "deterministic": t.deterministic}})
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_fn = torch.compile(model) if t.compile else model
+
+    def save(position):
+        runs.save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "position": position, "config": runs.config_dict(config),
+                                          "epoch": position["epoch"]})
+
+    guard = Guard(classes, t.stuck_steps, log)
+    batches_per_epoch = num_batches(len(train_set), t.batch_size)
+    last_epoch = t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs)
+    eval_kw = dict(batch_size=t.batch_size, device=home, precision=t.precision,
+                   channels_last=t.channels_last, workers=workers)
+    with Interrupt() as interrupt:
+        while position["epoch"] < last_epoch:
+            epoch = position["epoch"]
+            lr = learning_rate(config, [r["val_top1_error"] for r in history])
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # a drop leaves the velocity at its old scale (§5's form)
+            model.train()
+            sums, start, last_print = position["sums"], time.time(), time.time()
+            images_this_run = 0
+            for k, (x, y) in enumerate(train_batches(train_set, stats, config.data, batch_size=t.batch_size,
+                                                     seed=t.seed, epoch=epoch, device=home,
+                                                     start_batch=position["batch"], workers=workers),
+                                       start=position["batch"]):
+                torch.manual_seed(step_seed(t.seed, position["step"]))  # this step's dropout masks
+                if t.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(home, t.precision):
+                    logits = step_fn(x)
+                loss = F.cross_entropy(logits.float(), y.to(logits.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_value = loss.item()
+                guard.check(loss_value, position["step"] + 1, lr)
+                n = len(y)
+                sums["loss"] += loss_value * n
+                sums["errors"] += (logits.argmax(1) != y.to(logits.device)).sum().item()
+                sums["images"] += n
+                position = {"epoch": epoch, "batch": k + 1, "step": position["step"] + 1, "sums": sums}
+                images_this_run += n
+                now = time.time()
+                if now - last_print >= 10 or k + 1 == batches_per_epoch:
+                    rate = images_this_run / (now - start)
+                    left = (batches_per_epoch - k - 1) * t.batch_size / rate
+                    left += (last_epoch - epoch - 1) * batches_per_epoch * t.batch_size / rate
+                    log(f"epoch {epoch + 1}/{t.epochs} step {k + 1}/{batches_per_epoch} "
+                        f"loss {sums['loss'] / sums['images']:.4f} ε {lr:g} {rate:.0f} img/s "
+                        f"ETA {_duration(left)}")
+                    last_print = now
+                if interrupt.requested:
+                    sums["seconds"] += time.time() - start
+                    save(position)
+                    log(f"interrupted: checkpoint at epoch {epoch + 1}, batch {k + 1}; continue with "
+                        f"python -m reproduction.train --resume --out {out}")
+                    raise KeyboardInterrupt
+            seconds = sums["seconds"] + time.time() - start
+            val = evaluate(model, val_set, stats, config.data, ten_patch=False, **eval_kw)
+            row = {"epoch": epoch, "step": position["step"], "lr": lr,
+                   "train_loss": sums["loss"] / sums["images"], "train_error": sums["errors"] / sums["images"],
+                   "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
+                   "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds}
+            runs.append_metrics(out, row)
+            history.append(row)
+            log(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} error "
+                f"{row['train_error']:.4f} | val top-1 {val['top1_error']:.4f} top-5 "
+                f"{val['top5_error']:.4f} (centre patch) | ε {lr:g} | {_duration(seconds)}")
+            position = {"epoch": epoch + 1, "batch": 0, "step": position["step"], "sums": _zero_sums()}
+            save(position)
+    if position["epoch"] < t.epochs:
+        return {"stopped_at_epoch": position["epoch"]}
+    final = final_metrics(model, val_set, stats, config.data, **eval_kw)
+    final |= {"experiment": experiment, "epochs": position["epoch"], "steps": position["step"],
+              "seed": t.seed, "data": str(data_dir)}
+    runs.write_json(out / "final.json", final)
+    log(f"final: centre patch top-1 {final['centre']['top1_error']:.4f} top-5 "
+        f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
+        f"top-5 {final['ten_patch']['top5_error']:.4f} -> {out / 'final.json'}")
+    return final
+
+
+def position_text(position: dict) -> str:
+    return f"epoch {position['epoch'] + 1}, batch {position['batch']} (step {position['step']})"
+
+
+def _zero_sums() -> dict:
+    return {"loss": 0.0, "errors": 0, "images": 0, "seconds": 0.0}
+
+
+def _differences(a: RunConfig, b: RunConfig) -> str:
+    da, db = runs.config_dict(a), runs.config_dict(b)
+    return ", ".join(f"{part}.{k}: {da[part][k]!r} -> {db[part][k]!r}"
+                     for part in da for k in da[part] if da[part][k] != db[part][k])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m reproduction.train",
+        description="Train AlexNet with the paper's recipe (§5) on a folder prepared by "
+                    "`python -m data_prep`, writing config.json, metrics.jsonl, checkpoint.pt and "
+                    "final.json (centre-patch and ten-patch top-1/top-5 error) into the run folder.",
+        epilog="Experiments: " + ", ".join(EXPERIMENTS) + ". Config keys: " + ", ".join(
+            f.name for part in dataclasses.fields(RunConfig) for f in dataclasses.fields(
+                getattr(RunConfig(), part.name))) + ".")
+    parser.add_argument("--experiment", default="paper", choices=sorted(EXPERIMENTS),
+                        help="the paper's run or one of its ablations (reproduction/experiments.py)")
+    parser.add_argument("--data", type=Path, help="a folder prepared by python -m data_prep")
+    parser.add_argument("--out", type=Path, help="the run folder (default: runs/<experiment>/seed<seed>)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --set epochs=30 lr=0.005 schedule=fixed drop_epochs=(10,20)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint (its config.json decides the rest)")
+    parser.add_argument("--devices", default=None,
+                        help="cpu, cuda:0, or one device per tower such as cuda:0,cuda:1 "
+                             "(default: both visible GPUs, else one GPU, else the CPU)")
+    parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    args = parser.parse_args(argv)
+    try:
+        if args.resume:
+            if args.out is None:
+                parser.error("--resume needs --out, the run folder to continue")
+            saved = runs.load_checkpoint(args.out / runs.CHECKPOINT)
+            config = override(from_dict(RunConfig, saved["config"]), args.set)
+            meta = runs.read_json(args.out / "config.json")
+            experiment = meta["experiment"]
+            data = args.data or Path(meta["data"]["path"])
+        else:
+            if args.data is None:
+                parser.error("--data is required (a folder prepared by python -m data_prep)")
+            config = override(EXPERIMENTS[args.experiment], args.set)
+            experiment, data = args.experiment, args.data
+        out = args.out or Path("runs") / experiment / f"seed{config.train.seed}"
+        devices = parse_devices(args.devices, config.model.towers)
+        train(config, data, out, experiment=experiment, resume=args.resume, devices=devices,
+              workers=args.workers)
+    except (TrainingStopped, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Training (§5): exact resume, atomic checkpoints, the guard, the run folder, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from packing import pack_set
+from reproduction import runs
+from reproduction.config import DataConfig, RunConfig, override
+from reproduction.data import PackedSet, load_stats
+from reproduction.evaluate import evaluate
+from reproduction.optim import PaperSGD
+from reproduction.train import Guard, TrainingStopped, learning_rate, train
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+
+TINY = override(RunConfig(), {"batch_size": 4, "epochs": 2, "seed": 3, "stuck_steps": 10_000})
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """4 classes of 32×32 images whose colour says the class (upsampled to 256 at load, §2)."""
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+    def image(label):
+        noise = rng.integers(-30, 30, size=(32, 32, 3))
+        return np.clip(np.array(colours[label]) + noise, 0, 255).astype(np.uint8)
+
+    train_items = [(image(i % 4), i % 4) for i in range(14)]  # 14: the last batch of 4 is partial
+    val_items = [(image(i % 4), i % 4) for i in range(6)]
+    return pack_set(tmp_path_factory.mktemp("tiny"), {"train": train_items, "val": val_items},
+                    num_classes=4, mean=np.full((3, 256, 256), 120.0))
+
+
+def run(tiny_set, out, config=TINY, **kw):
+    return train(config, tiny_set, out, devices=(torch.device("cpu"),), workers=0, log=lambda s: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    return out, run(tiny_set, out)
+
+
+def test_a_run_writes_a_self_describing_folder(tiny_set, finished_run):
+    out, final = finished_run
+    tmp_path = out.parent
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["config"]["model"]["num_classes"] == 4  # fc8 follows the data
+    assert meta["config"]["train"]["batch_size"] == 4 and meta["seed"] == 3
+    assert {"sha", "dirty"} <= set(meta["git"]) and meta["environment"]["torch"] == torch.__version__
+    assert meta["precision"] == {"precision": "fp32", "channels_last": False, "compile": False,
+                                 "deterministic": False}
+    rows = runs.read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [4, 8]
+    for key in ("train_loss", "train_error", "val_top1_error", "val_top5_error", "lr", "img_per_s", "seconds"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["lr"] == 0.01
+    written = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert written["centre"]["images"] == 6 and written["ten_patch"]["patches"] == 10
+    assert written == json.loads(json.dumps(final))
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tiny_set, tmp_path / "run")
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_set, tmp_path, monkeypatch):
+    """6 steps straight vs 3 steps, a Ctrl-C, and a resume: the same weights, optimiser state
+    and metrics, to the bit (CPU)."""
+    config = override(TINY, {"epochs": 2})
+    run(tiny_set, tmp_path / "straight", config)
+    straight = runs.load_checkpoint(tmp_path / "straight" / runs.CHECKPOINT)
+
+    original_step = PaperSGD.step
+    calls = []
+
+    def step_then_interrupt(self, *a, **k):
+        out = original_step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:  # mid-epoch 0 (4 batches per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(PaperSGD, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_set, tmp_path / "resumed", config)
+    monkeypatch.setattr(PaperSGD, "step", original_step)
+    half = runs.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT)
+    assert half["position"]["epoch"] == 0 and half["position"]["batch"] == 3
+    run(tiny_set, tmp_path / "resumed", config, resume=True)
+    resumed = runs.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT)
+
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    v_straight = straight["optimizer"]["state"]
+    v_resumed = resumed["optimizer"]["state"]
+    assert all(torch.equal(v_straight[i]["velocity"], v_resumed[i]["velocity"]) for i in v_straight)
+    drop = ("seconds", "img_per_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    assert strip(runs.read_metrics(tmp_path / "resumed")) == strip(runs.read_metrics(tmp_path / "straight"))
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["resumed"][0]["changed"] == ""
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(finished_run, tmp_path, monkeypatch):
+    path = tmp_path / runs.CHECKPOINT
+    path.write_bytes((finished_run[0] / runs.CHECKPOINT).read_bytes())
+    before = runs.load_checkpoint(path)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        runs.save_checkpoint(path, {"model": {}})
+    after = runs.load_checkpoint(path)
+    assert after["position"] == before["position"]
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_guard_stops_on_nan_with_advice():
+    guard = Guard(1000, stuck_steps=500, log=lambda s: None)
+    with pytest.raises(TrainingStopped, match=r"loss became nan .*--set lr=0.001"):
+        guard.check(float("nan"), step=7, lr=0.01)
+
+
+def test_guard_warns_then_stops_at_chance():
+    messages = []
+    guard = Guard(50, stuck_steps=500, log=messages.append)
+    chance = math.log(50)
+    for step in range(1, 500):
+        guard.check(chance + 0.01 * (-1) ** step, step, 0.01)
+    assert len(messages) == 1 and "at chance" in messages[0] and "init_bias=0.1" in messages[0]
+    with pytest.raises(TrainingStopped, match=r"still at chance, ln\(50\) = 3.912, after 500 steps"):
+        guard.check(chance, 500, 0.01)
+    # a loss that has left chance never trips it
+    learning = Guard(50, stuck_steps=10, log=messages.append)
+    for step in range(1, 200):
+        learning.check(chance - 0.5, step, 0.01)
+
+
+def test_a_diverging_run_stops_with_a_clear_message(tiny_set, tmp_path):
+    with pytest.raises(TrainingStopped, match="loss became"):
+        run(tiny_set, tmp_path / "run", override(TINY, {"lr": 1e12}))
+
+
+def test_learning_rate_rules():
+    fixed = override(TINY, {"schedule": "fixed", "drop_epochs": (2, 4)})
+    assert [learning_rate(fixed, [0.5] * e) for e in (0, 1, 2, 4)] == pytest.approx([0.01, 0.01, 1e-3, 1e-4])
+    plateau = override(TINY, {"patience": 1})
+    assert learning_rate(plateau, [0.9, 0.8]) == 0.01
+    assert learning_rate(plateau, [0.9, 0.8, 0.8]) == pytest.approx(0.001)
+
+
+class ConstantModel(torch.nn.Module):
+    """Logits that depend only on the pixel at the top-left of each view, so the ten patches
+    of one image disagree in a known way."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes = classes
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        corner = x[:, :, 0, 0].sum(1)
+        return torch.stack([corner * (c + 1) / 1000 for c in range(self.classes)], 1)
+
+
+def test_ten_patch_evaluation_averages_softmax_by_hand(tiny_set):
+    data, stats = PackedSet(tiny_set, "val"), load_stats(tiny_set)
+    config = DataConfig()
+    model = ConstantModel(4)
+    result = evaluate(model, data, stats, config, ten_patch=True, batch_size=4, workers=0)
+    assert model.calls == [40, 20]  # 6 images × 10 patches, in batches of 4 images
+    from reproduction.data import eval_batches
+    probs, labels = [], []
+    for x, y in eval_batches(data, stats, config, batch_size=6, ten_patch=True, workers=0):
+        for image, label in zip(x, y):
+            p = sum(torch.softmax(model(v[None])[0], 0) for v in image) / 10
+            probs.append(p)
+            labels.append(int(label))
+    top1 = sum(int(p.argmax()) == l for p, l in zip(probs, labels)) / 6
+    top5 = sum(l in p.topk(4).indices.tolist() for p, l in zip(probs, labels)) / 6
+    assert result["top1_error"] == pytest.approx(1 - top1) and result["top5_error"] == pytest.approx(1 - top5)
+    assert result["images"] == 6
+
+
+def test_report_builds_from_run_folders(finished_run, tmp_path):
+    out, _ = finished_run
+    results = tmp_path / "results"
+
+    def copy(experiment, seed, shift):
+        folder = results / "runs" / "test" / experiment / f"seed{seed}"
+        folder.mkdir(parents=True)
+        meta = json.loads((out / "config.json").read_text()) | {"experiment": experiment}
+        final = json.loads((out / "final.json").read_text())
+        final["centre"]["top1_error"] = 0.5 + shift
+        (folder / "config.json").write_text(json.dumps(meta))
+        (folder / "final.json").write_text(json.dumps(final))
+        (folder / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
+
+    copy("paper", 0, 0.00)
+    copy("paper", 1, 0.02)
+    copy("no_lrn", 0, 0.05)
+    copy("no_lrn", 1, 0.07)
+    from reproduction.report import write_report
+    text = write_report(results).read_text()
+    assert "| 37.5 | 17.0 |" in text  # Table 1 beside ours
+    row = [line for line in text.splitlines() if line.startswith("| test | paper |")][0]
+    assert "| 2 | 2 | 51.00 ± 1.41 |" in row and "[seed0](runs/test/paper/seed0)" in row
+    # no_lrn − paper = 5 points of top-1, sd √(1.41² + 1.41²) = 2.00; the paper's +1.4
+    ablation = [line for line in text.splitlines() if "| no_lrn (§3.3) |" in line][0]
+    assert "+5.00 ± 2.00" in ablation and "| +1.4 | +1.2 | yes |" in ablation
+    assert (results / "curves-test.png").stat().st_size > 1000 and "![curves-test](curves-test.png)" in text
