@@ -68,6 +68,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="keep only the first K classes in sorted order (a quick subset)")
     p.add_argument("--limit-per-class", type=int, default=None, metavar="N",
                    help="keep only the first N files of each class in each split (a quick subset)")
+    p.add_argument("--val-limit-per-class", type=int, default=None, metavar="M",
+                   help="the same for the splits other than train (default: --limit-per-class)")
     p.add_argument("--stats", choices=("computed", "cuda-convnet2"), default="computed",
                    help="stats.npz from this set's train split (§4.1, default) or Krizhevsky's "
                         "constants; computed stats are compared with the constants either way")
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = Options(quality=args.quality, resample=args.resample, workers=args.workers,
                        chunk_size=args.chunk_size, num_classes=args.classes,
-                       limit_per_class=args.limit_per_class, stats=args.stats,
+                       limit_per_class=args.limit_per_class,
+                       val_limit_per_class=args.val_limit_per_class, stats=args.stats,
                        constants=args.constants,
                        strict_counts=args.strict_counts, hash_sources=not args.no_hash,
                        keep_work=args.keep_work)

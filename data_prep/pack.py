@@ -43,6 +43,7 @@ class Options:
     chunk_size: int = 1000            # records per resumable unit of work
     num_classes: int | None = None    # keep only the first K classes (sorted order)
     limit_per_class: int | None = None  # keep only the first N files of each class per split
+    val_limit_per_class: int | None = None  # the same for the splits other than train (default: limit_per_class)
     stats: str = "computed"           # "computed" | "cuda-convnet2"
     constants: Path | None = None     # cuda-convnet2 constants (.npz), for the option and the comparison
     strict_counts: bool = False       # a count that differs from the official one is an error
@@ -62,7 +63,7 @@ class Options:
             raise ValueError(f"stats must be 'computed' or 'cuda-convnet2', got {self.stats!r}")
         if self.stats == "cuda-convnet2" and (self.constants is None or not Path(self.constants).is_file()):
             raise ValueError(f"--stats cuda-convnet2 needs the constants file; not found: {self.constants}")
-        for name in ("num_classes", "limit_per_class"):
+        for name in ("num_classes", "limit_per_class", "val_limit_per_class"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -185,11 +186,16 @@ def _select(records: Iterator[Record], num_classes: int | None, limit: int | Non
         yield r
 
 
+def _subset(opts: Options) -> bool:
+    return bool(opts.num_classes or opts.limit_per_class or opts.val_limit_per_class)
+
+
 def run_split(source: Source, split: str, opts: Options, work: Path,
               pool, on_chunk: Callable[[str], None] | None = None) -> list[dict]:
     """Convert one split chunk by chunk; return the markers of all its chunks in order."""
-    records = _select(source.records(split), opts.num_classes, opts.limit_per_class)
-    expected = None if (opts.num_classes or opts.limit_per_class) else (source.expected_counts or {}).get(split)
+    limit = opts.limit_per_class if split == "train" or opts.val_limit_per_class is None else opts.val_limit_per_class
+    records = _select(source.records(split), opts.num_classes, limit)
+    expected = None if _subset(opts) else (source.expected_counts or {}).get(split)
     progress = Progress(f"{source.dataset}:{split}", expected)
     stats_size = (source.native_size or image.PAPER_SIZE) if split == "train" else None
     markers: list[dict | None] = []
@@ -333,7 +339,7 @@ def _check_work(work: Path, settings: dict) -> None:
 def _expected(source: Source, opts: Options, seen: dict[str, int]) -> dict:
     if source.expected_counts is None:
         return {"counts": None, "checked": False, "reason": "no official counts for this source"}
-    if opts.num_classes or opts.limit_per_class:
+    if _subset(opts):
         return {"counts": source.expected_counts, "checked": False, "seen": seen,
                 "reason": "a subset was asked for (--classes / --limit-per-class)"}
     match = all(seen.get(s) == n for s, n in source.expected_counts.items())

@@ -85,6 +85,8 @@ def plateau_lr(val_errors: Iterable[float], base_lr: float, *, patience: int, mi
     current ε have failed to beat the best error seen at that ε by more than `min_improvement`
     (absolute), at most `max_drops` times. The count restarts after each drop.
     """
+    # DEVIATION(§5): the paper's authors decided the drops by hand; this is one stated,
+    # repeatable rule for the same heuristic (and `fixed_schedule_lr` fixes them in advance).
     lr, drops, best, stale = base_lr, 0, float("inf"), 0
     for err in val_errors:
         if err < best - min_improvement:

@@ -11,6 +11,7 @@ checkpoints beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -53,11 +54,27 @@ def find_runs(results: Path) -> list[dict]:
     return found
 
 
+def recipe_changes(meta: dict) -> str:
+    """How a run's config differs from its named experiment's (seed and fc8's width aside), e.g.
+    "batch_size=32, epochs=3": what makes it a scaled-down or modified version of that run."""
+    from reproduction.config import RunConfig, from_dict
+    from reproduction.experiments import EXPERIMENTS
+    base = EXPERIMENTS.get(meta["experiment"])
+    if base is None:
+        return "custom"
+    ran = dataclasses.asdict(from_dict(RunConfig, meta["config"]))
+    want = dataclasses.asdict(base)
+    changes = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+               for part in ran for k, v in ran[part].items()
+               if k not in ("seed", "num_classes") and v != want[part][k]]
+    return ", ".join(changes) or "none"
+
+
 def group_runs(found: list[dict]) -> dict[tuple, list[dict]]:
-    """(dataset, experiment, epochs) -> runs (one per seed)."""
+    """(dataset, experiment, recipe changes) -> runs (one per seed)."""
     groups = defaultdict(list)
     for r in found:
-        key = (r["meta"]["data"].get("dataset") or "?", r["meta"]["experiment"], r["final"]["epochs"])
+        key = (r["meta"]["data"].get("dataset") or "?", r["meta"]["experiment"], recipe_changes(r["meta"]))
         groups[key].append(r)
     return dict(sorted(groups.items()))
 
@@ -79,22 +96,24 @@ def links(runs: list[dict], base: Path) -> str:
 
 
 def results_table(groups: dict, base: Path) -> list[str]:
-    lines = ["| data | experiment | seeds | epochs | top-1 (centre) | top-5 (centre) | top-1 (10 patches) "
-             "| top-5 (10 patches) | runs |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for (dataset, experiment, epochs), runs in groups.items():
+    lines = ["| data | experiment | changed from the paper's recipe | seeds | epochs | top-1 (centre) "
+             "| top-5 (centre) | top-1 (10 patches) | top-5 (10 patches) | runs |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (dataset, experiment, changes), runs in groups.items():
         cells = [fmt(*mean_sd(errors(runs, p, w))) for p in ("centre", "ten_patch") for w in ("top1", "top5")]
-        lines.append(f"| {dataset} | {experiment} | {len(runs)} | {epochs} | " + " | ".join(cells)
+        epochs = "/".join(sorted({str(r["final"]["epochs"]) for r in runs}))
+        lines.append(f"| {dataset} | {experiment} | {changes} | {len(runs)} | {epochs} | " + " | ".join(cells)
                      + f" | {links(runs, base)} |")
     return lines
 
 
 def ablation_table(groups: dict) -> list[str]:
-    """Each ablation minus `paper` on the same data and epochs (centre patch), ± the two groups'
+    """Each ablation minus `paper` on the same data and recipe (centre patch), ± the two groups'
     seed-to-seed sd combined as √(sd_a² + sd_p²)."""
     lines = ["| data | ablation | seeds | Δ top-1 (ours) | Δ top-5 (ours) | Δ top-1 (paper) | Δ top-5 (paper) "
              "| beyond the seed spread? |", "|---|---|---:|---:|---:|---:|---:|---|"]
-    for (dataset, experiment, epochs), runs in groups.items():
-        base = groups.get((dataset, "paper", epochs))
+    for (dataset, experiment, changes), runs in groups.items():
+        base = groups.get((dataset, "paper", changes))
         if experiment == "paper" or base is None:
             continue
         deltas = []
@@ -115,7 +134,7 @@ def ablation_table(groups: dict) -> list[str]:
 def ten_patch_table(groups: dict) -> list[str]:
     lines = ["| data | experiment | Δ top-1 (centre − 10 patches) | Δ top-5 | paper (ILSVRC-2010) |",
              "|---|---|---:|---:|---|"]
-    for (dataset, experiment, epochs), runs in groups.items():
+    for (dataset, experiment, changes), runs in groups.items():
         d = [mean_sd([c - t for c, t in zip(errors(runs, "centre", w), errors(runs, "ten_patch", w))])
              for w in ("top1", "top5")]
         lines.append(f"| {dataset} | {experiment} | {fmt(*d[0])} | {fmt(*d[1])} | 1.5 / 1.3 |")
@@ -132,7 +151,7 @@ def plot_curves(groups: dict, out: Path) -> list[Path]:
     written = []
     for dataset in sorted({k[0] for k in groups}):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (d, experiment, epochs), runs in groups.items():
+        for (d, experiment, changes), runs in groups.items():
             if d != dataset:
                 continue
             n = min(len(r["metrics"]) for r in runs)
@@ -141,7 +160,8 @@ def plot_curves(groups: dict, out: Path) -> list[Path]:
             epochs_axis = [e + 1 for e in range(n)]
             val = [statistics.fmean(100 * r["metrics"][e]["val_top1_error"] for r in runs) for e in range(n)]
             tr = [statistics.fmean(100 * r["metrics"][e]["train_error"] for r in runs) for e in range(n)]
-            line, = ax.plot(epochs_axis, val, label=f"{experiment} val (n={len(runs)})")
+            label = experiment if changes == "none" else f"{experiment} ({changes})"
+            line, = ax.plot(epochs_axis, val, label=f"{label}, n={len(runs)}")
             ax.plot(epochs_axis, tr, "--", color=line.get_color(), alpha=0.6)
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 error (%)")
@@ -174,7 +194,7 @@ def write_report(results: Path) -> Path:
                   "paper's numbers for direction and size only.", ""]
         lines += results_table(groups, results)
         lines += ["", "### Ablations: error added by each change (centre patch, ours vs the paper's ILSVRC "
-                  "numbers)", "", "Δ = ablation − `paper` on the same data and epochs; ± combines the two "
+                  "numbers)", "", "Δ = ablation − `paper` on the same data and recipe; ± combines the two "
                   "groups' seed-to-seed sd. \"Beyond the seed spread\" means |Δ top-1| > 2 × that sd.", ""]
         lines += ablation_table(groups)
         lines += ["", "### Ten patches vs the centre patch (§4.1)", ""]

@@ -202,6 +202,8 @@ def test_report_builds_from_run_folders(finished_run, tmp_path):
         folder = results / "runs" / "test" / experiment / f"seed{seed}"
         folder.mkdir(parents=True)
         meta = json.loads((out / "config.json").read_text()) | {"experiment": experiment}
+        if experiment == "no_lrn":  # the config an ablation run really has
+            meta["config"]["model"]["lrn"] = "none"
         final = json.loads((out / "final.json").read_text())
         final["centre"]["top1_error"] = 0.5 + shift
         (folder / "config.json").write_text(json.dumps(meta))
@@ -217,6 +219,7 @@ def test_report_builds_from_run_folders(finished_run, tmp_path):
     assert "| 37.5 | 17.0 |" in text  # Table 1 beside ours
     row = [line for line in text.splitlines() if line.startswith("| test | paper |")][0]
     assert "| 2 | 2 | 51.00 ± 1.41 |" in row and "[seed0](runs/test/paper/seed0)" in row
+    assert "| batch_size=4, epochs=2, stuck_steps=10000 |" in row  # the scaled-down recipe, stated
     # no_lrn − paper = 5 points of top-1, sd √(1.41² + 1.41²) = 2.00; the paper's +1.4
     ablation = [line for line in text.splitlines() if "| no_lrn (§3.3) |" in line][0]
     assert "+5.00 ± 2.00" in ablation and "| +1.4 | +1.2 | yes |" in ablation
