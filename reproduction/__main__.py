@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=REPO / "results",
                         help="where the run folder and the report go (default: results/)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
     from data_prep.__main__ import main as prep  # the same CLI a user would call
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (out / "final.json").exists():
         print(f"    {out} already holds a finished run: reporting it (delete the folder to train again)")
     else:
-        train(config, data, out, experiment="paper", resume=resume, devices=devices)
+        train(config, data, out, experiment="paper", resume=resume, devices=devices,
+              command=["python", "-m", "reproduction", *argv])
     print(f"3/3 report -> {write_report(args.results)} ({(time.time() - start) / 60:.1f} min training)")
     return 0
 

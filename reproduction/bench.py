@@ -22,16 +22,7 @@ import torchvision
 
 from reproduction.config import DataConfig, override
 from reproduction.data import PackedSet, default_workers, eval_batches, load_stats, train_batches
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"CPU {model or platform.processor() or platform.machine()} ({os.cpu_count()} cores visible)"
+from reproduction.runs import device_name
 
 
 def time_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int,

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 @dataclass(frozen=True)
 class AlexNetConfig:
     num_classes: int = 1000    # §2: the 1000 ILSVRC classes (the width of fc8)
+    in_channels: int = 3       # §3.5: RGB patches; 1 = grey images (the d2l Fashion-MNIST walk-through)
+    input_size: int = 224      # §3.5: 224×224 patches (+3 px overhang); 227 = Caffe's crop, no overhang
     activation: str = "relu"   # §3.1: "relu" (the paper's net) | "tanh" (Fig. 1's comparison)
     lrn: str = "code"          # §3.3: "code" = cuda-convnet2's α/n per squared term | "paper" = α as printed | "none"
     lrn_size: int = 5          # §3.3: n, the number of adjacent kernel maps in the window
@@ -33,6 +35,9 @@ class AlexNetConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _require(self, "num_classes", self.num_classes >= 1, "an integer >= 1")
+        _require(self, "in_channels", self.in_channels in (1, 3), "3 (RGB) or 1 (grey)")
+        _require(self, "input_size", self.input_size in (224, 227),
+                 "224 (the paper's patches) or 227 (Caffe's crop, which needs no overhang)")
         _require(self, "activation", self.activation in ("relu", "tanh"), "'relu' or 'tanh'")
         _require(self, "lrn", self.lrn in ("code", "paper", "none"), "'code', 'paper' or 'none'")
         _require(self, "lrn_size", self.lrn_size >= 1 and self.lrn_size % 2 == 1,

@@ -194,7 +194,7 @@ class AlexNet(nn.Module):
         if not isinstance(c, AlexNetConfig):
             raise TypeError(f"config must be an AlexNetConfig, got {type(c).__name__}")
         t = c.towers  # the one-tower net halves conv1-conv4 only (§3.2, footnote)
-        self.conv1 = TowerConv2d(3, 48 * t, 11, stride=4, towers=t, cross=True)  # 96×55×55: 96 kernels 11×11×3, stride 4
+        self.conv1 = TowerConv2d(c.in_channels, 48 * t, 11, stride=4, towers=t, cross=True)  # 96×55×55: 96 kernels 11×11×3, stride 4
         self.lrn1 = _lrn(c)                                                      # 96×55×55, §3.3
         self.pool1 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 96×27×27, §3.4
         self.conv2 = TowerConv2d(48, 128 * t, 5, padding=2, towers=t)            # 256×27×27: 256 kernels 5×5×48
@@ -214,11 +214,13 @@ class AlexNet(nn.Module):
         self.place(devices)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(x)
+        _check_input(x, self.config)
         # DEVIATION(§3.5): the paper feeds 224×224 patches yet gets 55×55 maps from an 11×11
         # stride-4 conv1, which floor arithmetic does not give (54). Krizhevsky's code lets the
         # last window overhang the image by 3 pixels; zero-padding bottom and right is the same.
-        x = F.pad(x, (0, 3, 0, 3))                      # 3×227×227
+        # (A 227×227 input, Caffe's crop, needs no overhang.)
+        overhang = 227 - self.config.input_size
+        x = F.pad(x, (0, overhang, 0, overhang))        # 3×227×227
         h = self.conv1([x])                             # 96×55×55, as 2 towers × 48
         h = each(h, self.act, self.lrn1, self.pool1)    # 96×27×27: ReLU, then LRN (§3.3), then pool
         h = self.conv2(h)                               # 256×27×27, each tower from its own 48 maps
@@ -305,12 +307,13 @@ def _concat(xs: list[Tensor], dim: int = 1) -> Tensor:
     return xs[0] if len(xs) == 1 else torch.cat(xs, dim=dim)
 
 
-def _check_input(x: Tensor) -> None:
+def _check_input(x: Tensor, c: AlexNetConfig) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"AlexNet takes a tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (224, 224):
-        raise ValueError("AlexNet takes a batch N×3×224×224 (RGB patches of 224×224, §3.5 and "
-                         f"§4.1); got a tensor of shape {tuple(x.shape)}")
+    if x.dim() != 4 or x.shape[1] != c.in_channels or tuple(x.shape[2:]) != (c.input_size,) * 2:
+        raise ValueError(f"AlexNet takes a batch N×{c.in_channels}×{c.input_size}×{c.input_size} "
+                         f"(§3.5, §4.1: {c.input_size}×{c.input_size} patches, in_channels="
+                         f"{c.in_channels}); got a tensor of shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"AlexNet takes floating-point pixels (mean-subtracted, §2); got {x.dtype}")
 
@@ -318,7 +321,7 @@ def _check_input(x: Tensor) -> None:
 # --- python -m reproduction.model: what each layer of a config computes --------------------
 
 def layer_table(model: AlexNet) -> list[dict]:
-    """One row per layer for a single 224×224 image: output shape, parameters, multiply-adds.
+    """One row per layer for a single image: output shape, parameters, multiply-accumulates.
 
     MACs count the conv and fc multiply-accumulates only (no bias, activation, LRN or pooling).
     """
@@ -341,14 +344,18 @@ def layer_table(model: AlexNet) -> list[dict]:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, 224, 224, device=model.devices[0]))
+            c = model.config
+            model(torch.zeros(1, c.in_channels, c.input_size, c.input_size, device=model.devices[0]))
         model.train(was_training)
     finally:
         for h in handles:
             h.remove()
-    table = [{"layer": "input", "shape": (3, 224, 224), "split": "", "params": 0, "macs": 0},
-             {"layer": "pad", "shape": (3, 227, 227), "split": "", "params": 0, "macs": 0,
-              "note": "3 px overhang, bottom/right: DEVIATION(§3.5)"}]
+    c = model.config
+    table = [{"layer": "input", "shape": (c.in_channels, c.input_size, c.input_size), "split": "",
+              "params": 0, "macs": 0}]
+    if c.input_size == 224:
+        table.append({"layer": "pad", "shape": (c.in_channels, 227, 227), "split": "", "params": 0,
+                      "macs": 0, "note": "3 px overhang, bottom/right: DEVIATION(§3.5)"})
     for n in names:
         row = rows[n]
         shapes = row.pop("towers")
@@ -361,7 +368,7 @@ def layer_table(model: AlexNet) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reproduction.model",
-        description="Print the network layer by layer for one 224×224 image: output shape, "
+        description="Print the network layer by layer for one image: output shape, "
                     "how the maps divide between the towers, parameters and multiply-accumulates. "
                     "With no options: the paper's net (60,965,224 parameters, 724,406,816 MACs).",
         epilog="Config keys (paper value): " + ", ".join(

@@ -70,11 +70,19 @@ def recipe_changes(meta: dict) -> str:
     return ", ".join(changes) or "none"
 
 
+def data_label(meta: dict) -> str:
+    """The data set with its size, e.g. "cifar10, 10 classes, 4,000 / 500 images": subsets of
+    one set are different data."""
+    d = meta["data"]
+    return (f"{d.get('dataset') or '?'}, {d['classes']} classes, "
+            f"{d['train_images']:,} / {d['val_images']:,} images")
+
+
 def group_runs(found: list[dict]) -> dict[tuple, list[dict]]:
-    """(dataset, experiment, recipe changes) -> runs (one per seed)."""
+    """(data, experiment, recipe changes) -> runs (one per seed)."""
     groups = defaultdict(list)
     for r in found:
-        key = (r["meta"]["data"].get("dataset") or "?", r["meta"]["experiment"], recipe_changes(r["meta"]))
+        key = (data_label(r["meta"]), r["meta"]["experiment"], recipe_changes(r["meta"]))
         groups[key].append(r)
     return dict(sorted(groups.items()))
 
@@ -96,14 +104,16 @@ def links(runs: list[dict], base: Path) -> str:
 
 
 def results_table(groups: dict, base: Path) -> list[str]:
-    lines = ["| data | experiment | changed from the paper's recipe | seeds | epochs | top-1 (centre) "
-             "| top-5 (centre) | top-1 (10 patches) | top-5 (10 patches) | runs |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| data (train / val) | experiment | changed from the paper's recipe | seeds | epochs "
+             "| top-1 (centre) | top-5 (centre) | top-1 (10 patches) | top-5 (10 patches) | chance | runs |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (dataset, experiment, changes), runs in groups.items():
         cells = [fmt(*mean_sd(errors(runs, p, w))) for p in ("centre", "ten_patch") for w in ("top1", "top5")]
         epochs = "/".join(sorted({str(r["final"]["epochs"]) for r in runs}))
+        classes = runs[0]["meta"]["data"]["classes"]
+        chance = f"{100 * (1 - 1 / classes):.1f} / {100 * max(0.0, 1 - 5 / classes):.1f}"
         lines.append(f"| {dataset} | {experiment} | {changes} | {len(runs)} | {epochs} | " + " | ".join(cells)
-                     + f" | {links(runs, base)} |")
+                     + f" | {chance} | {links(runs, base)} |")
     return lines
 
 
@@ -128,6 +138,8 @@ def ablation_table(groups: dict) -> list[str]:
         lines.append(f"| {dataset} | {experiment} ({section}) | {len(runs)} vs {len(base)} | "
                      f"{deltas[0][0]:+.2f} ± {deltas[0][1]:.2f} | {deltas[1][0]:+.2f} ± {deltas[1][1]:.2f} | "
                      f"{show(p1)} | {show(p5)} | {verdict} |")
+    if len(lines) == 2:
+        return ["No ablation has been run beside a `paper` run of the same data and recipe yet."]
     return lines
 
 
@@ -147,9 +159,10 @@ def plot_curves(groups: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
-    for dataset in sorted({k[0] for k in groups}):
+    for dataset in sorted({k[0] for k in groups}):  # one figure per data set and size
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (d, experiment, changes), runs in groups.items():
             if d != dataset:
@@ -163,13 +176,15 @@ def plot_curves(groups: dict, out: Path) -> list[Path]:
             label = experiment if changes == "none" else f"{experiment} ({changes})"
             line, = ax.plot(epochs_axis, val, label=f"{label}, n={len(runs)}")
             ax.plot(epochs_axis, tr, "--", color=line.get_color(), alpha=0.6)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 error (%)")
         ax.set_title(f"{dataset}: validation top-1 (solid, centre patch) and training error (dashed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"curves-{dataset}.png"
+        d = next(runs for (label, _, _), runs in groups.items() if label == dataset)[0]["meta"]["data"]
+        path = out / f"curves-{d['dataset']}-{d['train_images']}-{d['val_images']}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -193,6 +208,13 @@ def write_report(results: Path) -> Path:
         lines += ["None of these is ILSVRC: each row names its data set, so compare them with the "
                   "paper's numbers for direction and size only.", ""]
         lines += results_table(groups, results)
+        lines += ["", "Made by (each run folder's config.json holds its exact command and config):", ""]
+        for (dataset, experiment, changes), runs in groups.items():
+            commands = sorted({" ".join(r["meta"]["command"]) for r in runs})
+            devices = sorted({", ".join(r["meta"]["environment"]["device_names"]) for r in runs})
+            lines.append(f"- {dataset}, `{experiment}`: `{'`, `'.join(commands)}` on {'; '.join(devices)}, "
+                         f"torch {runs[0]['meta']['environment']['torch']}, seeds "
+                         f"{', '.join(str(r['meta']['seed']) for r in runs)}")
         lines += ["", "### Ablations: error added by each change (centre patch, ours vs the paper's ILSVRC "
                   "numbers)", "", "Δ = ablation − `paper` on the same data and recipe; ± combines the two "
                   "groups' seed-to-seed sd. \"Beyond the seed spread\" means |Δ top-1| > 2 × that sd.", ""]

@@ -44,11 +44,20 @@ def git_state() -> dict:
     return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's model and visible core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return f"CPU {model or platform.processor() or platform.machine()} ({os.cpu_count()} cores visible)"
+
+
 def environment(devices: Sequence[torch.device]) -> dict:
-    names = []
-    for d in devices:
-        d = torch.device(d)
-        names.append(torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or "cpu")
+    names = [device_name(d) for d in devices]
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "devices": [str(d) for d in devices],
             "device_names": names, "cpu_threads": torch.get_num_threads()}

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -96,8 +97,11 @@ class Interrupt:
         self.requested = False
 
     def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._handle)
+        # Signal handlers can only be set from the main thread; elsewhere Ctrl-C is not ours.
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -107,7 +111,8 @@ class Interrupt:
         print("\ninterrupt: checkpointing after this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
@@ -119,12 +124,13 @@ def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
 def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "custom",
           resume: bool = False, devices: Sequence[torch.device] | None = None,
           workers: int | None = None, max_epochs: int | None = None,
-          log: Callable[[str], None] = print) -> dict:
+          command: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) training into the run folder `out`; returns the final metrics.
 
-    max_epochs stops after that many epochs in this process (for tests and staged runs); the
-    run folder then resumes with --resume.
+    max_epochs stops after that many epochs in this process (staged runs); the run folder then
+    resumes with --resume. command: what config.json records as the command (default: sys.argv).
     """
+    command = list(sys.argv if command is None else command)
     t = config.train
     train_set, val_set = PackedSet(data_dir, "train"), PackedSet(data_dir, "val")
     stats = load_stats(data_dir)
@@ -152,7 +158,7 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
             log(f"resuming with a changed config ({changed}): the run is no longer one run of one config")
         meta = runs.read_json(out / "config.json")
         meta.setdefault("resumed", []).append({"at": position_text(state["position"]), "changed": changed,
-                                               "git": runs.git_state(), "command": sys.argv})
+                                               "git": runs.git_state(), "command": command})
         meta["config"] = runs.config_dict(config)
         runs.write_json(out / "config.json", meta)
         model.load_state_dict(state["model"])
@@ -165,7 +171,7 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
             raise FileExistsError(f"{out} already holds a run; use --resume to continue it or another --out")
         history = []
         runs.write_json(out / "config.json", {
-            "experiment": experiment, "config": runs.config_dict(config), "command": sys.argv,
+            "experiment": experiment, "config": runs.config_dict(config), "command": command,
             "git": runs.git_state(), "environment": runs.environment(devices),
             "data": {"path": str(data_dir), "dataset": train_set.manifest.get("dataset"),
                      "train_images": len(train_set), "val_images": len(val_set), "classes": classes},
@@ -296,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cpu, cuda:0, or one device per tower such as cuda:0,cuda:1 "
                              "(default: both visible GPUs, else one GPU, else the CPU)")
     parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         if args.resume:
@@ -314,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or Path("runs") / experiment / f"seed{config.train.seed}"
         devices = parse_devices(args.devices, config.model.towers)
         train(config, data, out, experiment=experiment, resume=args.resume, devices=devices,
-              workers=args.workers)
+              workers=args.workers, command=["python", "-m", "reproduction.train", *argv])
     except (TrainingStopped, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

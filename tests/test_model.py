@@ -86,6 +86,22 @@ def test_cli_rejects_bad_overrides(capsys):
     assert "towers" in capsys.readouterr().err
 
 
+def test_grey_input_and_caffe_input_size():
+    grey = AlexNet(dataclasses.replace(PAPER, in_channels=1, num_classes=10))
+    assert sum(p.numel() for p in grey.parameters()) == 60_965_224 - 34_944 + 11_712 - 4_097_000 + 40_970
+    assert grey(torch.zeros(2, 1, 224, 224)).shape == (2, 10)
+    # 227×227 (Caffe's crop) without the overhang is the 224 net fed the zero-padded patch.
+    torch.manual_seed(0)
+    caffe = AlexNet(dataclasses.replace(PAPER, input_size=227)).eval()
+    ours = AlexNet().eval()
+    caffe.load_state_dict(ours.state_dict())
+    x = batch(1)
+    torch.testing.assert_close(caffe(F.pad(x, (0, 3, 0, 3))), ours(x))
+    assert [r["layer"] for r in layer_table(caffe)][:2] == ["input", "conv1"]
+    with pytest.raises(ValueError, match="N×3×227×227"):
+        caffe(x)
+
+
 def test_state_dict_holds_the_grouped_tensors():
     sd = AlexNet().state_dict()
     # §3.5: conv2/4/5 read their own tower's 48/192/192 maps; conv3 reads all 256 (groups=2 layout).

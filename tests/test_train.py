@@ -16,8 +16,10 @@ from reproduction import runs
 from reproduction.config import DataConfig, RunConfig, override
 from reproduction.data import PackedSet, load_stats
 from reproduction.evaluate import evaluate
+from reproduction.evaluate import main as evaluate_main
 from reproduction.optim import PaperSGD
 from reproduction.train import Guard, TrainingStopped, learning_rate, train
+from reproduction.train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -46,8 +48,12 @@ def run(tiny_set, out, config=TINY, **kw):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_set, tmp_path_factory):
+    """One run through the command line, as a user starts it."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    return out, run(tiny_set, out)
+    code = train_main(["--experiment", "paper", "--data", str(tiny_set), "--out", str(out), "--devices", "cpu",
+                       "--workers", "0", "--set", "batch_size=4", "epochs=2", "seed=3", "stuck_steps=10000"])
+    assert code == 0
+    return out, json.loads((out / "final.json").read_text())
 
 
 def test_a_run_writes_a_self_describing_folder(tiny_set, finished_run):
@@ -64,11 +70,32 @@ def test_a_run_writes_a_self_describing_folder(tiny_set, finished_run):
     for key in ("train_loss", "train_error", "val_top1_error", "val_top5_error", "lr", "img_per_s", "seconds"):
         assert all(key in r for r in rows), key
     assert rows[0]["lr"] == 0.01
-    written = json.loads((tmp_path / "run" / "final.json").read_text())
-    assert written["centre"]["images"] == 6 and written["ten_patch"]["patches"] == 10
-    assert written == json.loads(json.dumps(final))
+    assert final["centre"]["images"] == 6 and final["ten_patch"]["patches"] == 10
+    assert meta["experiment"] == "paper" and "--set" in meta["command"]
     with pytest.raises(FileExistsError, match="--resume"):
         run(tiny_set, tmp_path / "run")
+
+
+def test_evaluate_command_reproduces_the_final_numbers(tiny_set, finished_run, tmp_path, capsys):
+    out, final = finished_run
+    checkpoint = tmp_path / runs.CHECKPOINT
+    checkpoint.write_bytes((out / runs.CHECKPOINT).read_bytes())
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--data", str(tiny_set), "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "final.json").read_text())
+    for protocol in ("centre", "ten_patch"):  # other batching: the loss agrees to rounding
+        assert {k: v for k, v in again[protocol].items() if k != "loss"} == \
+            {k: v for k, v in final[protocol].items() if k != "loss"}
+        assert again[protocol]["loss"] == pytest.approx(final[protocol]["loss"], rel=1e-5)
+    assert '"top1_error"' in capsys.readouterr().out
+
+
+def test_opt_in_bf16_and_channels_last_train_and_are_recorded(tiny_set, tmp_path):
+    config = override(TINY, {"epochs": 1, "precision": "bf16", "channels_last": True})
+    final = run(tiny_set, tmp_path / "run", config)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["precision"]["precision"] == "bf16" and meta["precision"]["channels_last"] is True
+    row = runs.read_metrics(tmp_path / "run")[0]
+    assert math.isfinite(row["train_loss"]) and 0 <= final["ten_patch"]["top1_error"] <= 1
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tiny_set, tmp_path, monkeypatch):
@@ -217,10 +244,12 @@ def test_report_builds_from_run_folders(finished_run, tmp_path):
     from reproduction.report import write_report
     text = write_report(results).read_text()
     assert "| 37.5 | 17.0 |" in text  # Table 1 beside ours
-    row = [line for line in text.splitlines() if line.startswith("| test | paper |")][0]
+    row = [line for line in text.splitlines() if line.startswith("| test, 4 classes, 14 / 6 images | paper |")][0]
     assert "| 2 | 2 | 51.00 ± 1.41 |" in row and "[seed0](runs/test/paper/seed0)" in row
     assert "| batch_size=4, epochs=2, stuck_steps=10000 |" in row  # the scaled-down recipe, stated
+    assert "| 75.0 / 0.0 |" in row  # chance for 4 classes
     # no_lrn − paper = 5 points of top-1, sd √(1.41² + 1.41²) = 2.00; the paper's +1.4
     ablation = [line for line in text.splitlines() if "| no_lrn (§3.3) |" in line][0]
     assert "+5.00 ± 2.00" in ablation and "| +1.4 | +1.2 | yes |" in ablation
-    assert (results / "curves-test.png").stat().st_size > 1000 and "![curves-test](curves-test.png)" in text
+    png = results / "curves-test-14-6.png"
+    assert png.stat().st_size > 1000 and f"![{png.stem}]({png.name})" in text
