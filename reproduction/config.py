@@ -26,6 +26,7 @@ class AlexNetConfig:
     lrn_alpha: float = 1e-4    # §3.3: α
     lrn_beta: float = 0.75     # §3.3: β
     lrn_k: float = 2.0         # §3.3: k
+    lrn_scope: str = "tower"   # §3.3: windows within one tower's maps (the two GPUs) | "all" = across both (Caffe's grouped net)
     pool_kernel: int = 3       # §3.4: z = 3 with s = 2 (overlapping); 2 = the non-overlapping ablation
     towers: int = 2            # §3.2: two towers (the two GPUs); 1 = the one-GPU net of half the kernels
     dropout: float = 0.5       # §4.2: drop probability on the outputs of fc6 and fc7
@@ -45,6 +46,8 @@ class AlexNetConfig:
         _require(self, "lrn_alpha", math.isfinite(self.lrn_alpha) and self.lrn_alpha >= 0, "a number >= 0")
         _require(self, "lrn_beta", math.isfinite(self.lrn_beta) and self.lrn_beta >= 0, "a number >= 0")
         _require(self, "lrn_k", math.isfinite(self.lrn_k) and self.lrn_k > 0, "a number > 0")
+        _require(self, "lrn_scope", self.lrn_scope in ("tower", "all"),
+                 "'tower' (the paper: each GPU normalises its own maps) or 'all' (Caffe)")
         _require(self, "pool_kernel", self.pool_kernel in (2, 3),
                  "3 (overlapping, the paper) or 2 (the §3.4 ablation); the stride is 2 in both")
         _require(self, "towers", self.towers in (1, 2), "2 (the paper) or 1 (the §3.2 comparison net)")

@@ -222,9 +222,11 @@ class AlexNet(nn.Module):
         overhang = 227 - self.config.input_size
         x = F.pad(x, (0, overhang, 0, overhang))        # 3×227×227
         h = self.conv1([x])                             # 96×55×55, as 2 towers × 48
-        h = each(h, self.act, self.lrn1, self.pool1)    # 96×27×27: ReLU, then LRN (§3.3), then pool
+        h = self.normalise(each(h, self.act), self.lrn1)  # 96×55×55: ReLU, then LRN (§3.3)
+        h = each(h, self.pool1)                         # 96×27×27
         h = self.conv2(h)                               # 256×27×27, each tower from its own 48 maps
-        h = each(h, self.act, self.lrn2, self.pool2)    # 256×13×13
+        h = self.normalise(each(h, self.act), self.lrn2)  # 256×27×27
+        h = each(h, self.pool2)                         # 256×13×13
         h = each(self.conv3(h), self.act)               # 384×13×13, from all 256 maps of both towers
         h = each(self.conv4(h), self.act)               # 384×13×13, each tower from its own 192
         h = each(self.conv5(h), self.act, self.pool5)   # 256×6×6, each tower from its own 192
@@ -233,6 +235,16 @@ class AlexNet(nn.Module):
         h = each(self.fc7(h), self.act, self.drop7)     # 4096
         (logits,) = self.fc8(h)                         # 1000, on tower A's device
         return logits
+
+    def normalise(self, h: list[Tensor], lrn: nn.Module) -> list[Tensor]:
+        """§3.3's LRN. On the paper's two GPUs each tower normalises its own maps, so a window
+        stops at the tower's edge; lrn_scope="all" runs the windows across both towers' maps,
+        as Caffe's grouped net does (the towers then meet here too)."""
+        if self.config.lrn_scope == "tower" or len(h) == 1:
+            return each(h, lrn)
+        home = h[0].device
+        y = lrn(torch.cat([x.to(home) for x in h], dim=1))
+        return [part.to(x.device) for part, x in zip(y.split([x.shape[1] for x in h], dim=1), h)]
 
     def place(self, devices: str | torch.device | Sequence[str | torch.device] | None) -> AlexNet:
         """Put tower t's part of every layer on devices[t] (fc8 with tower A), or everything on

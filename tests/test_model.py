@@ -18,6 +18,7 @@ ABLATIONS = {
     "no_overlap_pool": dataclasses.replace(PAPER, pool_kernel=2),
     "one_tower": dataclasses.replace(PAPER, towers=1),
     "no_dropout": dataclasses.replace(PAPER, dropout=0.0),
+    "lrn_across_towers": dataclasses.replace(PAPER, lrn_scope="all"),
 }
 
 # Fig. 2 / §3.5 output sizes (channels × height × width for one image).
@@ -147,9 +148,11 @@ def test_lrn_forms_differ_by_the_factor_n():
     assert paper == pytest.approx(200 / (2 + 1e-4 * 5 * 200**2) ** 0.75)
 
 
-def test_lrn_windows_stay_inside_a_tower():
-    """conv1's LRN sums over maps of its own tower: map 47 (last of A) never sees map 48."""
-    model = AlexNet().eval()
+@pytest.mark.parametrize("scope", ["tower", "all"])
+def test_lrn_windows_stay_inside_a_tower_unless_asked(scope):
+    """conv1's LRN sums over maps of its own tower: map 47 (last of A) never sees map 48.
+    lrn_scope="all" (Caffe's grouped net) runs the windows across all 96 maps instead."""
+    model = AlexNet(dataclasses.replace(PAPER, lrn_scope=scope)).eval()
     seen = {}
     model.conv1.register_forward_hook(lambda m, i, o: seen.update(conv1=torch.cat(o, 1)))
     model.lrn1.register_forward_hook(lambda m, i, o: seen.setdefault("lrn1", []).append(o))
@@ -157,13 +160,12 @@ def test_lrn_windows_stay_inside_a_tower():
     relu = F.relu(seen["conv1"]).double()
     lrn = torch.cat(seen["lrn1"], 1).double()
     per_tower = torch.cat([lrn_loop(t, 5, 2e-5, 0.75, 2.0) for t in relu.split(48, 1)], 1)
-    torch.testing.assert_close(lrn, per_tower, rtol=1e-5, atol=1e-6)
-    # A window running across all 96 maps would differ exactly at the towers' edge maps.
     across = lrn_loop(relu, 5, 2e-5, 0.75, 2.0)
-    edge = [46, 47, 48, 49]
-    assert not torch.allclose(lrn[:, edge], across[:, edge], rtol=1e-5, atol=1e-6)
-    inner = [0, 20, 60, 95]
-    torch.testing.assert_close(lrn[:, inner], across[:, inner], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lrn, per_tower if scope == "tower" else across, rtol=1e-5, atol=1e-6)
+    # The two differ exactly at the towers' edge maps.
+    edge, inner = [46, 47, 48, 49], [0, 20, 60, 95]
+    assert not torch.allclose(per_tower[:, edge], across[:, edge], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_tower[:, inner], across[:, inner], rtol=1e-5, atol=1e-6)
 
 
 # --- one net, any placement -------------------------------------------------------------
@@ -178,8 +180,9 @@ def grouped_reference(sd, x, config=PAPER):
         if config.lrn == "none":
             return h
         alpha = config.lrn_alpha * (config.lrn_size if config.lrn == "paper" else 1)
+        groups = h.chunk(g, 1) if config.lrn_scope == "tower" else [h]  # "all": Caffe's LRN
         return torch.cat([F.local_response_norm(t, config.lrn_size, alpha, config.lrn_beta, config.lrn_k)
-                          for t in h.chunk(g, 1)], 1)
+                          for t in groups], 1)
 
     def pool(h):
         return F.max_pool2d(h, config.pool_kernel, 2)
@@ -210,7 +213,8 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("name", ["paper", "one_tower", "no_lrn", "lrn_paper", "tanh", "no_overlap_pool"])
+@pytest.mark.parametrize("name", ["paper", "one_tower", "no_lrn", "lrn_paper", "tanh", "no_overlap_pool",
+                                  "lrn_across_towers"])
 def test_towers_equal_the_grouped_net(name):
     """The tower net, on one device or split over two, is the grouped net of Caffe's layout:
     same logits and the same gradient for every parameter."""
