@@ -20,6 +20,10 @@ choice (offsets, flips, α) is drawn on the CPU from a generator keyed by (seed,
 resumed at `start_batch=k` sees exactly the batches it would have seen, and the CPU path, the CUDA
 path and any worker count give the same patches, flips and α.
 
+Replicas (torchrun, see train.py): with `shard=(r, P)` replica r takes the contiguous slice
+`shard_range(len(batch), r, P)` of each batch and the draws made for the whole batch, so P
+replicas together see exactly the images, patches, flips and α of one process.
+
 CPU path: worker threads read, decode (torchvision.io.decode_jpeg) and augment whole batches.
 CUDA path: worker threads read the bytes; the main thread decodes the batch with nvJPEG
 (`decode_jpeg(list, device="cuda")`) and augments it with batched tensor ops on a side stream, so
@@ -257,13 +261,28 @@ def num_batches(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Replica `rank`'s part [start, stop) of a batch of n images split between `world`
+    replicas: contiguous, the first n mod world replicas one image more (torch.tensor_split's
+    rule). A replica's part is empty when n < world (the end of an epoch)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside [0, {world})")
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
 def train_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_size: int,
                   seed: int, epoch: int, device: str | torch.device = "cpu", start_batch: int = 0,
-                  workers: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+                  workers: int | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
     """Epoch `epoch` as (images B×3×crop×crop float32, labels B int64) on `device`, from batch
     `start_batch` on (resume). workers: threads (None: one per core, capped at 8; 0: none);
-    results do not depend on it."""
+    results do not depend on it. shard=(rank, world): this replica's slice of every batch
+    (`shard_range`), with the draws the whole batch gets; batch_size is the global batch."""
     _check_args(dataset, batch_size, workers, seed=seed, epoch=epoch)
+    rank, world = shard
+    shard_range(0, rank, world)  # checks the shard
     n = num_batches(len(dataset), batch_size)
     if not 0 <= start_batch <= n:
         raise ValueError(f"start_batch {start_batch} outside [0, {n}] for {len(dataset)} images "
@@ -272,20 +291,26 @@ def train_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch
 
     def plan(k: int):
         idx = order[k * batch_size:(k + 1) * batch_size]
-        d = draw_train(len(idx), config, seed=seed, epoch=epoch, batch=k)
-        return idx, [dict(top=d.top, left=d.left, flip=d.flip,
-                          noise=lighting_noise(d.alpha, stats, config).float())]
+        d = draw_train(len(idx), config, seed=seed, epoch=epoch, batch=k)  # for the whole batch
+        part = slice(*shard_range(len(idx), rank, world))  # then sliced, never redrawn
+        noise = lighting_noise(d.alpha, stats, config).float()
+        return idx[part], [dict(top=d.top[part], left=d.left[part], flip=d.flip[part], noise=noise[part])]
 
     return _deliver(dataset, stats, config, map(plan, range(start_batch, n)), device, workers)
 
 
 def eval_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_size: int,
                  device: str | torch.device = "cpu", ten_patch: bool = False,
-                 workers: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+                 workers: int | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
     """The split in stored order as (images, labels): images B×3×crop×crop (the centre patch), or
     B×10×3×crop×crop with ten_patch (views in `ten_patch_offsets` order). batch_size counts images;
-    no lighting and no 1/(1 + lighting_std) scale (cuda-convnet2 applies both to training only)."""
+    no lighting and no 1/(1 + lighting_std) scale (cuda-convnet2 applies both to training only).
+    shard=(rank, world): batches k ≡ rank (mod world) only, so replicas together see every image
+    once, in the batches one process would form."""
     _check_args(dataset, batch_size, workers)
+    rank, world = shard
+    shard_range(0, rank, world)  # checks the shard
     offsets = ten_patch_offsets(config.crop)
     offsets = offsets if ten_patch else offsets[4:5]
 
@@ -294,7 +319,7 @@ def eval_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_
         full = lambda v: torch.full((len(idx),), v)
         return idx, [dict(top=full(t), left=full(l), flip=full(f)) for t, l, f in offsets]
 
-    plans = map(plan, range(num_batches(len(dataset), batch_size)))
+    plans = map(plan, range(rank, num_batches(len(dataset), batch_size), world))
     return _deliver(dataset, stats, config, plans, device, workers)
 
 
@@ -336,6 +361,9 @@ def _deliver(dataset: PackedSet, stats: Stats, config: DataConfig, plans: Iterat
     mean = stats.mean.to(device)
 
     def build(data: list[Tensor], idx: Tensor, views: list[dict]) -> tuple[Tensor, Tensor]:
+        if not len(idx):  # a replica's empty part of a short last batch
+            patches = (3, config.crop, config.crop) if len(views) == 1 else (len(views), 3, config.crop, config.crop)
+            return torch.zeros(0, *patches, device=device), dataset.labels[idx].to(device)
         images = upsample(_decode(data, idx, dataset.image_size, device))  # once for all views
         out = [view_batch(images, mean, config, **v) for v in views]
         images = out[0] if len(out) == 1 else torch.stack(out, dim=1)  # B×10×3×crop×crop

@@ -20,6 +20,7 @@ from torch import nn
 
 from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, load_stats
+from reproduction.distributed import Distributed
 from reproduction.runs import load_checkpoint, model_from_checkpoint, write_json
 
 
@@ -33,16 +34,22 @@ def autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataConfig, *,
              ten_patch: bool, batch_size: int = 128, device: str | torch.device = "cpu",
-             precision: str = "fp32", channels_last: bool = False, workers: int | None = None) -> dict:
+             precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
+             replicas: Distributed | None = None) -> dict:
     """Top-1/top-5 error over the whole split (every image exactly once). With ten_patch, the
-    prediction is the average of the ten patches' softmax outputs (§4.1); else the centre patch."""
+    prediction is the average of the ten patches' softmax outputs (§4.1); else the centre patch.
+
+    replicas (a Distributed, under torchrun): each rank evaluates every world-th batch and
+    the counts and loss sums are added over the ranks, so every rank returns the whole split's
+    result. Every rank must call it."""
+    rank, world = (0, 1) if replicas is None else (replicas.rank, replicas.world)
     was_training = model.training
     model.eval()
     top1 = top5 = seen = 0
     loss = 0.0
     try:
         for x, y in eval_batches(dataset, stats, config, batch_size=batch_size, device=device,
-                                 ten_patch=ten_patch, workers=workers):
+                                 ten_patch=ten_patch, workers=workers, shard=(rank, world)):
             views = x.flatten(0, 1) if ten_patch else x
             if channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)
@@ -57,6 +64,9 @@ def evaluate(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataCon
             seen += len(y)
     finally:
         model.train(was_training)
+    if replicas is not None:  # integer counts are exact in float64; the loss sum is a float sum
+        top1, top5, loss, seen = replicas.sum([top1, top5, loss, seen])
+        top1, top5, seen = int(top1), int(top5), int(seen)
     return {"top1_error": 1 - top1 / seen, "top5_error": 1 - top5 / seen, "loss": loss / seen,
             "images": seen, "patches": 10 if ten_patch else 1}
 

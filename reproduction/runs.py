@@ -106,9 +106,12 @@ def append_metrics(run_dir: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def keep_metrics_before(run_dir: Path, epoch: int) -> list[dict]:
-    """On resume: drop lines of epochs the checkpoint has not finished (written after it)."""
+def keep_metrics_before(run_dir: Path, epoch: int, *, rewrite: bool = True) -> list[dict]:
+    """On resume: drop lines of epochs the checkpoint has not finished (written after it).
+    rewrite=False only reads them (replicas other than rank 0 never write the run folder)."""
     rows = [r for r in read_metrics(run_dir) if r["epoch"] < epoch]
+    if not rewrite:
+        return rows
     _atomic_write(Path(run_dir) / "metrics.jsonl",
                   lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
     return rows

@@ -2,6 +2,7 @@
 
     python -m reproduction.train --experiment paper --data DIR [--out DIR] [--set key=value ...]
     python -m reproduction.train --resume --out DIR
+    torchrun --nproc_per_node=P -m reproduction.train ...   # P data-parallel replicas (README)
 
 SGD with ε inside the velocity (reproduction/optim.py), batch 128, ε = 0.01 divided by 10 on
 a stated plateau rule or at fixed epochs. Each epoch appends a line to metrics.jsonl and
@@ -9,6 +10,10 @@ rewrites checkpoint.pt atomically; Ctrl-C checkpoints at the next step boundary.
 run sees the same batches, draws the same dropout masks and ends bit-identical (CPU,
 deterministic) to one that was never interrupted: every random stream is a function of
 (seed, epoch, step), never of how often the process was started.
+
+Under torchrun the same loop runs as P data-parallel replicas (`Distributed`): the global batch
+stays `batch_size` (§5), each replica takes a slice of it, DDP averages the gradients, and the
+update is the one-process update (exactly so with dropout off: each replica draws its own masks).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from reproduction import runs
 from reproduction.config import RunConfig, from_dict, override
 from reproduction.data import PackedSet, load_stats, num_batches, train_batches
+from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
 from reproduction.evaluate import autocast, evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.model import AlexNet, default_devices
@@ -52,9 +58,11 @@ def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:
                       max_drops=t.max_drops)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Seed of torch's generators (dropout) for global step `step`."""
-    return int(np.random.SeedSequence([seed, _DROPOUT, step]).generate_state(1, np.uint64)[0] >> 1)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of torch's generators (dropout) for global step `step` on replica `rank`. Rank 0
+    draws what a single process draws; every other replica draws masks of its own."""
+    keys = [seed, _DROPOUT, step] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> 1)
 
 
 class Guard:
@@ -124,14 +132,24 @@ def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
 def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "custom",
           resume: bool = False, devices: Sequence[torch.device] | None = None,
           workers: int | None = None, max_epochs: int | None = None,
-          command: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
+          command: Sequence[str] | None = None, log: Callable[[str], None] = print,
+          replicas: Distributed | None = None, batch_scaling: dict | None = None) -> dict:
     """Run (or resume) training into the run folder `out`; returns the final metrics.
 
     max_epochs stops after that many epochs in this process (staged runs); the run folder then
     resumes with --resume. command: what config.json records as the command (default: sys.argv).
+    replicas: this process's place among data-parallel replicas (default: the only one); every
+    replica calls train with the same arguments but its own devices. batch_scaling: the record
+    of `scale_batch`, kept in config.json.
     """
     command = list(sys.argv if command is None else command)
+    replicas = replicas or Distributed()
+    if not replicas.is_main:
+        log = _quiet  # rank 0 alone prints
     t = config.train
+    if t.batch_size < replicas.world:
+        raise ValueError(f"a global batch of {t.batch_size} cannot be split between {replicas.world} "
+                         f"replicas; use --global-batch or fewer processes")
     train_set, val_set = PackedSet(data_dir, "train"), PackedSet(data_dir, "val")
     stats = load_stats(data_dir)
     classes = len(train_set.classes)
@@ -156,41 +174,53 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
         changed = _differences(saved, config)
         if changed:
             log(f"resuming with a changed config ({changed}): the run is no longer one run of one config")
-        meta = runs.read_json(out / "config.json")
-        meta.setdefault("resumed", []).append({"at": position_text(state["position"]), "changed": changed,
-                                               "git": runs.git_state(), "command": command})
-        meta["config"] = runs.config_dict(config)
-        runs.write_json(out / "config.json", meta)
+        if replicas.is_main:
+            meta = runs.read_json(out / "config.json")
+            meta.setdefault("resumed", []).append({"at": position_text(state["position"]), "changed": changed,
+                                                   "git": runs.git_state(), "command": command,
+                                                   "world_size": replicas.world})
+            meta["config"] = runs.config_dict(config)
+            runs.write_json(out / "config.json", meta)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         position = state["position"]
-        history = runs.keep_metrics_before(out, position["epoch"])
+        history = runs.keep_metrics_before(out, position["epoch"], rewrite=replicas.is_main)
         log(f"resumed {out} at {position_text(position)}")
     else:
         if checkpoint.exists():
             raise FileExistsError(f"{out} already holds a run; use --resume to continue it or another --out")
         history = []
-        runs.write_json(out / "config.json", {
-            "experiment": experiment, "config": runs.config_dict(config), "command": command,
-            "git": runs.git_state(), "environment": runs.environment(devices),
-            "data": {"path": str(data_dir), "dataset": train_set.manifest.get("dataset"),
-                     "train_images": len(train_set), "val_images": len(val_set), "classes": classes},
-            "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
-                                          "compile": t.compile, "deterministic": t.deterministic}})
+        if replicas.is_main:
+            runs.write_json(out / "config.json", {
+                "experiment": experiment, "config": runs.config_dict(config), "command": command,
+                "git": runs.git_state(), "environment": runs.environment(devices),
+                "data": {"path": str(data_dir), "dataset": train_set.manifest.get("dataset"),
+                         "train_images": len(train_set), "val_images": len(val_set), "classes": classes},
+                "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
+                                              "compile": t.compile, "deterministic": t.deterministic},
+                "distributed": replicas.describe() | {"global_batch": t.batch_size},
+                "batch_scaling": batch_scaling})
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_fn = torch.compile(model) if t.compile else model
+    step_fn = replicas.wrap(model)  # `model` stays the bare net: its state_dict and evaluation
+    step_fn = torch.compile(step_fn) if t.compile else step_fn
+    if replicas.started:
+        least, most = t.batch_size // replicas.world, -(-t.batch_size // replicas.world)
+        log(f"{replicas.world} replicas ({replicas.describe()['backend']}): global batch {t.batch_size}, "
+            f"{least if least == most else f'{least}-{most}'} images per replica; rank 0 on "
+            f"{', '.join(map(str, devices))}")
 
     def save(position):
-        runs.save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "position": position, "config": runs.config_dict(config),
-                                          "epoch": position["epoch"]})
+        if replicas.is_main:
+            runs.save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "position": position, "config": runs.config_dict(config),
+                                              "epoch": position["epoch"]})
 
     guard = Guard(classes, t.stuck_steps, log)
     batches_per_epoch = num_batches(len(train_set), t.batch_size)
     last_epoch = t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs)
     eval_kw = dict(batch_size=t.batch_size, device=home, precision=t.precision,
-                   channels_last=t.channels_last, workers=workers)
+                   channels_last=t.channels_last, workers=workers, replicas=replicas)
     with Interrupt() as interrupt:
         while position["epoch"] < last_epoch:
             epoch = position["epoch"]
@@ -200,24 +230,31 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
             model.train()
             sums, start, last_print = position["sums"], time.time(), time.time()
             images_this_run = 0
-            for k, (x, y) in enumerate(train_batches(train_set, stats, config.data, batch_size=t.batch_size,
-                                                     seed=t.seed, epoch=epoch, device=home,
-                                                     start_batch=position["batch"], workers=workers),
-                                       start=position["batch"]):
-                torch.manual_seed(step_seed(t.seed, position["step"]))  # this step's dropout masks
+            batches = train_batches(train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed,
+                                    epoch=epoch, device=home, start_batch=position["batch"], workers=workers,
+                                    shard=(replicas.rank, replicas.world))  # this replica's slice
+            for k, (x, y) in enumerate(batches, start=position["batch"]):
+                n = min(t.batch_size, len(train_set) - k * t.batch_size)  # images in the global batch
+                torch.manual_seed(step_seed(t.seed, position["step"], replicas.rank))  # dropout masks
                 if t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(home, t.precision):
                     logits = step_fn(x)
-                loss = F.cross_entropy(logits.float(), y.to(logits.device))
+                y = y.to(logits.device)
+                # §5's gradient is that of the mean loss over the batch's n images. Each replica sums
+                # its slice (an empty slice adds 0) and DDP averages over the P replicas: so ·P/n.
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") * replicas.world / n
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_value = loss.item()
+                errors = (logits.argmax(1) != y).sum().item()
+                # One reduction a step: the batch's mean loss (so the guard decides alike on every
+                # rank), its errors, and whether any rank was interrupted (then all stop here).
+                loss_sum, errors, stop = replicas.sum([loss.item(), errors, interrupt.requested])
+                loss_value = loss_sum / replicas.world
                 guard.check(loss_value, position["step"] + 1, lr)
-                n = len(y)
                 sums["loss"] += loss_value * n
-                sums["errors"] += (logits.argmax(1) != y.to(logits.device)).sum().item()
+                sums["errors"] += int(errors)
                 sums["images"] += n
                 position = {"epoch": epoch, "batch": k + 1, "step": position["step"] + 1, "sums": sums}
                 images_this_run += n
@@ -230,11 +267,13 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
                         f"loss {sums['loss'] / sums['images']:.4f} ε {lr:g} {rate:.0f} img/s "
                         f"ETA {_duration(left)}")
                     last_print = now
-                if interrupt.requested:
+                if stop:
                     sums["seconds"] += time.time() - start
                     save(position)
+                    replicas.barrier()  # torchrun stops the job when one rank exits: not before the save
+                    launcher = "torchrun [its options] -m" if replicas.started else "python -m"
                     log(f"interrupted: checkpoint at epoch {epoch + 1}, batch {k + 1}; continue with "
-                        f"python -m reproduction.train --resume --out {out}")
+                        f"{launcher} reproduction.train --resume --out {out}")
                     raise KeyboardInterrupt
             seconds = sums["seconds"] + time.time() - start
             val = evaluate(model, val_set, stats, config.data, ten_patch=False, **eval_kw)
@@ -242,7 +281,8 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
                    "train_loss": sums["loss"] / sums["images"], "train_error": sums["errors"] / sums["images"],
                    "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
                    "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds}
-            runs.append_metrics(out, row)
+            if replicas.is_main:
+                runs.append_metrics(out, row)
             history.append(row)
             log(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} error "
                 f"{row['train_error']:.4f} | val top-1 {val['top1_error']:.4f} top-5 "
@@ -254,7 +294,8 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     final = final_metrics(model, val_set, stats, config.data, **eval_kw)
     final |= {"experiment": experiment, "epochs": position["epoch"], "steps": position["step"],
               "seed": t.seed, "data": str(data_dir)}
-    runs.write_json(out / "final.json", final)
+    if replicas.is_main:
+        runs.write_json(out / "final.json", final)
     log(f"final: centre patch top-1 {final['centre']['top1_error']:.4f} top-5 "
         f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
         f"top-5 {final['ten_patch']['top5_error']:.4f} -> {out / 'final.json'}")
@@ -263,6 +304,10 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
 
 def position_text(position: dict) -> str:
     return f"epoch {position['epoch'] + 1}, batch {position['batch']} (step {position['step']})"
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _zero_sums() -> dict:
@@ -302,12 +347,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cpu, cuda:0, or one device per tower such as cuda:0,cuda:1 "
                              "(default: both visible GPUs, else one GPU, else the CPU)")
     parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    parser.add_argument("--global-batch", type=int, default=None, metavar="N",
+                        help="a global batch of N images instead of the experiment's (128, §5), with ε "
+                             "scaled linearly, ε·N/128 (not the paper's recipe; recorded in config.json)")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others in a collective before "
+                             "the job fails instead of hanging (default 600)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    replica = torchrun_replica()
+    if replica is not None and args.devices not in (None, "cpu"):
+        parser.error("under torchrun each process places its towers itself (see README); --devices can "
+                     "only be cpu")
+    replicas, scaling = Distributed(), None
     try:
         if args.resume:
             if args.out is None:
                 parser.error("--resume needs --out, the run folder to continue")
+            if args.global_batch is not None:
+                parser.error("--global-batch is chosen when a run starts; its checkpoint holds the batch and ε")
             saved = runs.load_checkpoint(args.out / runs.CHECKPOINT)
             config = override(from_dict(RunConfig, saved["config"]), args.set)
             meta = runs.read_json(args.out / "config.json")
@@ -317,17 +375,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.data is None:
                 parser.error("--data is required (a folder prepared by python -m data_prep)")
             config = override(EXPERIMENTS[args.experiment], args.set)
+            if args.global_batch is not None:
+                config, scaling = scale_batch(config, args.global_batch)
             experiment, data = args.experiment, args.data
         out = args.out or Path("runs") / experiment / f"seed{config.train.seed}"
-        devices = parse_devices(args.devices, config.model.towers)
-        train(config, data, out, experiment=experiment, resume=args.resume, devices=devices,
-              workers=args.workers, command=["python", "-m", "reproduction.train", *argv])
+        if replica is None:
+            devices = parse_devices(args.devices, config.model.towers)
+        else:
+            devices = parse_devices("cpu", 1) if args.devices else replica_devices(
+                *replica, config.model.towers, torch.cuda.device_count())
+            replicas = Distributed.start(devices, timeout=args.timeout)
+        with replicas:
+            train(config, data, out, experiment=experiment, resume=args.resume, devices=devices,
+                  workers=args.workers, command=["python", "-m", "reproduction.train", *argv],
+                  replicas=replicas, batch_scaling=scaling)
     except (TrainingStopped, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{_where(replicas)}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if replicas.world > 1:  # name the rank; one waiting in a collective fails when a peer dies
+            print(f"error{_where(replicas)}: {type(e).__name__}: {e}\n(if another rank stopped first, "
+                  f"its own error says why; a silent peer fails this rank after --timeout "
+                  f"{args.timeout:g} s)", file=sys.stderr)
+        raise
     return 0
+
+
+def _where(replicas: Distributed) -> str:
+    return f" (rank {replicas.rank} of {replicas.world})" if replicas.world > 1 else ""
 
 
 if __name__ == "__main__":
