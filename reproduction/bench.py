@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import platform
 import sys
 import time
 from typing import Callable, Iterator, Sequence

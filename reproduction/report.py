@@ -104,7 +104,7 @@ def links(runs: list[dict], base: Path) -> str:
 
 
 def results_table(groups: dict, base: Path) -> list[str]:
-    lines = ["| data (train / val) | experiment | changed from the paper's recipe | seeds | epochs "
+    lines = ["| data (train / val) | experiment | changed from the experiment's config | seeds | epochs "
              "| top-1 (centre) | top-5 (centre) | top-1 (10 patches) | top-5 (10 patches) | chance | runs |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (dataset, experiment, changes), runs in groups.items():
