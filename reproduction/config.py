@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")  # Fig. 2's weight layers
+
+
 @dataclass(frozen=True)
 class AlexNetConfig:
     num_classes: int = 1000    # §2: the 1000 ILSVRC classes (the width of fc8)
@@ -122,12 +125,16 @@ def _parse_value(text: str) -> Any:
 def _check_types(config: Any) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.type == "tuple[int, ...]":
+        if f.type in ("tuple[int, ...]", "tuple[str, ...]"):
             if isinstance(value, list):  # JSON has no tuples
                 value = tuple(value)
                 object.__setattr__(config, f.name, value)
+            item = int if f.type == "tuple[int, ...]" else str
+            if item is str and isinstance(value, str):  # --set freeze=conv1,conv2 or (conv1,conv2)
+                value = tuple(v.strip() for v in value.strip("()").split(",") if v.strip())
+                object.__setattr__(config, f.name, value)
             ok = isinstance(value, tuple) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value)
+                isinstance(v, item) and not isinstance(v, bool) for v in value)
         else:
             expected = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
             ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
@@ -187,6 +194,7 @@ class TrainConfig:
     max_drops: int = 3                     # §5: "reduced three times prior to termination"
     seed: int = 0                          # every random stream of the run derives from it
     stuck_steps: int = 5000                # guard: stop if the loss is still at chance, ln(C), after this many steps (warn at a fifth)
+    freeze: tuple[str, ...] = ()           # fine-tuning (not in the paper): layers kept as loaded, e.g. ("conv1", "conv2")
     precision: str = "fp32"                # "fp32" (the paper's) | "bf16" autocast (opt-in, not in the paper)
     channels_last: bool = False            # opt-in memory format (not in the paper)
     compile: bool = False                  # opt-in torch.compile (not in the paper)
@@ -203,6 +211,8 @@ class TrainConfig:
         _require(self, "drop_epochs", list(self.drop_epochs) == sorted(set(self.drop_epochs))
                  and all(e >= 1 for e in self.drop_epochs), "increasing epochs >= 1, e.g. (30, 60, 80)")
         _require(self, "precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'")
+        _require(self, "freeze", set(self.freeze) <= set(LAYERS),
+                 f"a tuple of layer names from {', '.join(LAYERS)}")
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reproduction.config import PAPER, AlexNetConfig, override
+from reproduction.config import LAYERS, PAPER, AlexNetConfig, override
 
 TOWER_NAMES = "ab"  # tower A (the first GPU) and tower B (the second)
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5
 
 

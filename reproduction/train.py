@@ -2,6 +2,7 @@
 
     python -m reproduction.train --experiment paper --data DIR [--out DIR] [--set key=value ...]
     python -m reproduction.train --resume --out DIR
+    python -m reproduction.train --init-from CHECKPOINT --data DIR [--set freeze=conv1,conv2 ...]  # fine-tune
     torchrun --nproc_per_node=P -m reproduction.train ...   # P data-parallel replicas (README)
 
 SGD with ε inside the velocity (reproduction/optim.py), batch 128, ε = 0.01 divided by 10 on
@@ -133,14 +134,16 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
           resume: bool = False, devices: Sequence[torch.device] | None = None,
           workers: int | None = None, max_epochs: int | None = None,
           command: Sequence[str] | None = None, log: Callable[[str], None] = print,
-          replicas: Distributed | None = None, batch_scaling: dict | None = None) -> dict:
+          replicas: Distributed | None = None, batch_scaling: dict | None = None,
+          init_from: Path | None = None) -> dict:
     """Run (or resume) training into the run folder `out`; returns the final metrics.
 
     max_epochs stops after that many epochs in this process (staged runs); the run folder then
     resumes with --resume. command: what config.json records as the command (default: sys.argv).
     replicas: this process's place among data-parallel replicas (default: the only one); every
     replica calls train with the same arguments but its own devices. batch_scaling: the record
-    of `scale_batch`, kept in config.json.
+    of `scale_batch`, kept in config.json. init_from: a checkpoint (trained or imported) whose
+    weights the run starts from, fc8 re-initialised when the class count differs (fine-tuning).
     """
     command = list(sys.argv if command is None else command)
     replicas = replicas or Distributed()
@@ -153,7 +156,7 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     train_set, val_set = PackedSet(data_dir, "train"), PackedSet(data_dir, "val")
     stats = load_stats(data_dir)
     classes = len(train_set.classes)
-    if config.model.num_classes not in (classes, 1000):
+    if init_from is None and config.model.num_classes not in (classes, 1000):  # fine-tuning changes it
         raise ValueError(f"num_classes={config.model.num_classes} but {data_dir} has {classes} classes")
     config = override(config, {"num_classes": classes})  # fc8's width follows the data
     devices = tuple(devices or parse_devices(None, config.model.towers))
@@ -165,6 +168,10 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
 
     torch.manual_seed(t.seed)  # the initial weights (§5)
     model = AlexNet(config.model, devices=devices)
+    if init_from is not None and not resume:
+        log(load_pretrained(model, Path(init_from)))
+    for name in t.freeze:  # fine-tuning: these layers keep their loaded weights
+        getattr(model, name).requires_grad_(False)
     optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
     position = {"epoch": 0, "batch": 0, "step": 0, "sums": _zero_sums()}
     checkpoint = out / runs.CHECKPOINT
@@ -199,7 +206,7 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
                 "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
                                               "compile": t.compile, "deterministic": t.deterministic},
                 "distributed": replicas.describe() | {"global_batch": t.batch_size},
-                "batch_scaling": batch_scaling})
+                "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_fn = replicas.wrap(model)  # `model` stays the bare net: its state_dict and evaluation
@@ -302,6 +309,27 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     return final
 
 
+def load_pretrained(model: AlexNet, path: Path) -> str:
+    """Copy a checkpoint's weights into `model`. fc8 is kept at its fresh §5 initialisation when
+    the checkpoint has another number of classes; any other mismatch is an error. Returns what
+    was done, for the log."""
+    weights = runs.load_checkpoint(path)["model"]
+    own = model.state_dict()
+    fresh = [k for k in ("fc8.weight", "fc8.bias") if k in weights and weights[k].shape != own[k].shape]
+    for k in fresh:
+        del weights[k]
+    advice = "fine-tuning starts from a checkpoint of the same architecture"
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        raise ValueError(f"{path} does not fit this net ({advice}): {e}") from None
+    if unexpected or set(missing) != set(fresh):
+        raise ValueError(f"{path} does not fit this net (missing {missing}, unexpected {unexpected}); {advice}")
+    tail = (f"fc8 re-initialised for {own['fc8.bias'].shape[0]} classes (§5's initialisation)" if fresh
+            else "fc8 kept")
+    return f"started from the weights of {path}; {tail}"
+
+
 def position_text(position: dict) -> str:
     return f"epoch {position['epoch'] + 1}, batch {position['batch']} (step {position['step']})"
 
@@ -335,12 +363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Experiments: " + ", ".join(EXPERIMENTS) + ". Config keys: " + ", ".join(
             f.name for part in dataclasses.fields(RunConfig) for f in dataclasses.fields(
                 getattr(RunConfig(), part.name))) + ".")
-    parser.add_argument("--experiment", default="paper", choices=sorted(EXPERIMENTS),
-                        help="the paper's run or one of its ablations (reproduction/experiments.py)")
+    parser.add_argument("--experiment", default=None, choices=sorted(EXPERIMENTS),
+                        help="the paper's run (default) or one of its ablations (reproduction/experiments.py)")
     parser.add_argument("--data", type=Path, help="a folder prepared by python -m data_prep")
     parser.add_argument("--out", type=Path, help="the run folder (default: runs/<experiment>/seed<seed>)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set epochs=30 lr=0.005 schedule=fixed drop_epochs=(10,20)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="fine-tune: start from this checkpoint (ours, or one made by reproduction.caffe); "
+                             "its architecture and input pipeline are kept, fc8 is re-initialised for the "
+                             "data's classes, --set freeze=conv1,conv2 keeps layers as loaded")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint (its config.json decides the rest)")
     parser.add_argument("--devices", default=None,
@@ -374,7 +406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if args.data is None:
                 parser.error("--data is required (a folder prepared by python -m data_prep)")
-            config = override(EXPERIMENTS[args.experiment], args.set)
+            if args.init_from is not None:
+                if args.experiment is not None:
+                    parser.error("--init-from takes its architecture and recipe from the checkpoint; "
+                                 "give --set changes instead of --experiment")
+                base = from_dict(RunConfig, runs.load_checkpoint(args.init_from)["config"])
+                args.experiment = "finetune"
+            else:
+                args.experiment = args.experiment or "paper"
+                base = EXPERIMENTS[args.experiment]
+            config = override(base, args.set)
             if args.global_batch is not None:
                 config, scaling = scale_batch(config, args.global_batch)
             experiment, data = args.experiment, args.data
@@ -388,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with replicas:
             train(config, data, out, experiment=experiment, resume=args.resume, devices=devices,
                   workers=args.workers, command=["python", "-m", "reproduction.train", *argv],
-                  replicas=replicas, batch_scaling=scaling)
+                  replicas=replicas, batch_scaling=scaling, init_from=None if args.resume else args.init_from)
     except (TrainingStopped, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error{_where(replicas)}: {e}", file=sys.stderr)
         return 1

@@ -253,3 +253,40 @@ def test_report_builds_from_run_folders(finished_run, tmp_path):
     assert "+5.00 ± 2.00" in ablation and "| +1.4 | +1.2 | yes |" in ablation
     png = results / "curves-test-14-6.png"
     assert png.stat().st_size > 1000 and f"![{png.stem}]({png.name})" in text
+
+
+def test_finetune_from_a_checkpoint_on_five_real_tiny_imagenet_classes(shared_data, finished_run, tmp_path):
+    """Fine-tuning: the 4-class run's weights, fc8 re-initialised for 5 classes, conv1-fc7 frozen."""
+    from data_prep.__main__ import main as prep
+    data = tmp_path / "tiny5"
+    assert prep(["tiny-imagenet", str(shared_data / "tiny-imagenet-200"), "--out", str(data), "--classes", "5",
+                 "--limit-per-class", "3", "--val-limit-per-class", "2", "--workers", "1", "--no-hash"]) == 0
+    source = finished_run[0] / runs.CHECKPOINT
+    out = tmp_path / "finetune"
+    frozen = "conv1,conv2,conv3,conv4,conv5,fc6,fc7"
+    assert train_main(["--init-from", str(source), "--data", str(data), "--out", str(out), "--devices", "cpu",
+                       "--workers", "0", "--set", "epochs=1", "batch_size=5", f"freeze={frozen}"]) == 0
+    before, after = runs.load_checkpoint(source)["model"], runs.load_checkpoint(out / runs.CHECKPOINT)["model"]
+    for layer in frozen.split(","):
+        assert torch.equal(after[f"{layer}.weight"], before[f"{layer}.weight"]), layer
+    assert after["fc8.weight"].shape == (5, 4096) and before["fc8.weight"].shape == (4, 4096)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["experiment"] == "finetune" and meta["init_from"] == str(source)
+    assert meta["config"]["train"]["freeze"] == frozen.split(",") and meta["config"]["model"]["num_classes"] == 5
+    final = json.loads((out / "final.json").read_text())
+    assert final["centre"]["images"] == 10  # 5 classes × 2 real val images
+    # the fresh fc8 was trained (it is not frozen): it moved away from its initialisation
+    assert runs.read_metrics(out)[0]["step"] == 3
+
+
+def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, capsys):
+    source = finished_run[0] / runs.CHECKPOINT
+    with pytest.raises(SystemExit):  # the checkpoint fixes the architecture: no --experiment
+        train_main(["--init-from", str(source), "--experiment", "no_lrn", "--data", str(tiny_set),
+                    "--out", str(tmp_path / "x")])
+    assert "--init-from takes its architecture" in capsys.readouterr().err
+    from reproduction.model import AlexNet
+    from reproduction.train import load_pretrained
+    one_tower = AlexNet(override(TINY, {"towers": 1, "num_classes": 4}).model)
+    with pytest.raises(ValueError, match="does not fit this net"):
+        load_pretrained(one_tower, source)
