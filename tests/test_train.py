@@ -290,3 +290,20 @@ def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, c
     one_tower = AlexNet(override(TINY, {"towers": 1, "num_classes": 4}).model)
     with pytest.raises(ValueError, match="does not fit this net"):
         load_pretrained(one_tower, source)
+
+
+def test_fashion_mnist_experiment_on_real_images(shared_data, tmp_path):
+    """The d2l tutorial's job: real Fashion-MNIST (grey → 3 channels by data_prep, 28 px
+    upsampled by the loader) through experiment fashion_mnist, end to end."""
+    from data_prep.__main__ import main as prep
+    data = tmp_path / "fmnist"
+    assert prep(["fashion-mnist", str(shared_data / "fashion-mnist"), "--out", str(data),
+                 "--limit-per-class", "1", "--workers", "1", "--no-hash"]) == 0
+    out = tmp_path / "run"
+    assert train_main(["--experiment", "fashion_mnist", "--data", str(data), "--out", str(out),
+                       "--devices", "cpu", "--workers", "0", "--set", "epochs=1", "batch_size=10"]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["data"]["dataset"] == "fashion-mnist" and meta["config"]["model"]["num_classes"] == 10
+    assert meta["config"]["model"]["init_bias"] == 0.1  # the experiment's stated change
+    final = json.loads((out / "final.json").read_text())
+    assert final["centre"]["images"] == 10 and 0 <= final["ten_patch"]["top1_error"] <= 1
