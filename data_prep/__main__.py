@@ -70,6 +70,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="keep only the first N files of each class in each split (a quick subset)")
     p.add_argument("--val-limit-per-class", type=int, default=None, metavar="M",
                    help="the same for the splits other than train (default: --limit-per-class)")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="hold out the first N training images of each class as the val split; the "
+                        "source's own val/test split is then stored as split test")
     p.add_argument("--stats", choices=("computed", "cuda-convnet2"), default="computed",
                    help="stats.npz from this set's train split (§4.1, default) or Krizhevsky's "
                         "constants; computed stats are compared with the constants either way")
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(quality=args.quality, resample=args.resample, workers=args.workers,
                        chunk_size=args.chunk_size, num_classes=args.classes,
                        limit_per_class=args.limit_per_class,
-                       val_limit_per_class=args.val_limit_per_class, stats=args.stats,
+                       val_limit_per_class=args.val_limit_per_class, holdout=args.holdout,
+                       stats=args.stats,
                        constants=args.constants,
                        strict_counts=args.strict_counts, hash_sources=not args.no_hash,
                        keep_work=args.keep_work)

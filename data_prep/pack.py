@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import image, stats
-from .sources import SPLITS, Record, Source
+from .sources import Record, Source, with_holdout
 
 FORMAT = "alexnet-packed/1"
 TOOL_VERSION = "1"
@@ -44,6 +44,7 @@ class Options:
     num_classes: int | None = None    # keep only the first K classes (sorted order)
     limit_per_class: int | None = None  # keep only the first N files of each class per split
     val_limit_per_class: int | None = None  # the same for the splits other than train (default: limit_per_class)
+    holdout: int | None = None        # hold out the first N train images per class as val; the source's val becomes test
     stats: str = "computed"           # "computed" | "cuda-convnet2"
     constants: Path | None = None     # cuda-convnet2 constants (.npz), for the option and the comparison
     strict_counts: bool = False       # a count that differs from the official one is an error
@@ -63,7 +64,7 @@ class Options:
             raise ValueError(f"stats must be 'computed' or 'cuda-convnet2', got {self.stats!r}")
         if self.stats == "cuda-convnet2" and (self.constants is None or not Path(self.constants).is_file()):
             raise ValueError(f"--stats cuda-convnet2 needs the constants file; not found: {self.constants}")
-        for name in ("num_classes", "limit_per_class", "val_limit_per_class"):
+        for name in ("num_classes", "limit_per_class", "val_limit_per_class", "holdout"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -187,7 +188,7 @@ def _select(records: Iterator[Record], num_classes: int | None, limit: int | Non
 
 
 def _subset(opts: Options) -> bool:
-    return bool(opts.num_classes or opts.limit_per_class or opts.val_limit_per_class)
+    return bool(opts.num_classes or opts.limit_per_class or opts.val_limit_per_class or opts.holdout)
 
 
 def run_split(source: Source, split: str, opts: Options, work: Path,
@@ -349,6 +350,8 @@ def _expected(source: Source, opts: Options, seen: dict[str, int]) -> dict:
 def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", force: bool = False,
             on_chunk: Callable[[str], None] | None = None) -> dict:
     """Prepare `source` into `out`; return the manifest. Idempotent: a finished set is left alone."""
+    if opts.holdout:
+        source = with_holdout(source, opts.holdout)
     out = Path(out)
     manifest_path, work = out / "manifest.json", out / WORK
     settings = _settings(source, opts, source_arg)
@@ -370,18 +373,18 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
     t0 = time.perf_counter()
     pool = multiprocessing.get_context().Pool(opts.workers) if opts.workers > 1 else None
     try:
-        markers = {s: run_split(source, s, opts, work, pool, on_chunk) for s in SPLITS}
+        markers = {s: run_split(source, s, opts, work, pool, on_chunk) for s in source.splits}
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
     convert_seconds = time.perf_counter() - t0
     splits, sums = {}, None
-    for s in SPLITS:
+    for s in source.splits:
         splits[s], split_sums = assemble_split(out, work, s, markers[s], len(classes))
         splits[s]["stored_from"] = source.split_origin.get(s, s)
         sums = split_sums if s == "train" else sums
-    seen = {s: splits[s]["records_seen"] for s in SPLITS}
+    seen = {s: splits[s]["records_seen"] for s in source.splits}
     expected = _expected(source, opts, seen)
     _report_counts(expected, opts.strict_counts)
     stats_entry = _write_stats(out, sums, opts, source)

@@ -8,6 +8,7 @@ Fashion-MNIST), which `Source.split_origin` records.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import pickle
@@ -56,6 +57,38 @@ class Source:
     files: list[Path]                           # source files whose sha256 goes into the manifest
     split_origin: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val"})
     notes: list[str] = field(default_factory=list)
+    splits: tuple[str, ...] = SPLITS              # the splits written, in order
+
+
+def with_holdout(source: Source, n: int) -> Source:
+    """A validation split carved out of the training images: the first `n` of each class (in the
+    source's order) become `val`, the rest stay `train`, and the source's own val/test split is
+    kept as `test`. For sets whose labelled test split should stay untouched while training is
+    tuned on held-out images (e.g. Fashion-MNIST, as the d2l tutorial's setting needs)."""
+    if n < 1:
+        raise ValueError(f"holdout must be >= 1, got {n}")
+
+    def records(split: str) -> Iterator[Record]:
+        if split == "test":
+            yield from (dataclasses.replace(r, split="test") for r in source.records("val"))
+            return
+        seen: dict[int, int] = {}
+        for r in source.records("train"):
+            if r.skip is not None:  # listed once, with the training split
+                if split == "train":
+                    yield r
+                continue
+            seen[r.label] = seen.get(r.label, 0) + 1
+            if (seen[r.label] <= n) == (split == "val"):
+                yield dataclasses.replace(r, split=split)
+
+    return dataclasses.replace(
+        source, records=records, splits=("train", "val", "test"), expected_counts=None,
+        split_origin={"train": f"train, less the first {n} images of each class",
+                      "val": f"train, the first {n} images of each class (held out)",
+                      "test": source.split_origin.get("val", "val")},
+        notes=[*source.notes, f"--holdout {n}: val is held out from train; the source's "
+                              f"{source.split_origin.get('val', 'val')} split is stored as test"])
 
 
 class SourceError(Exception):

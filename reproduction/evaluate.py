@@ -81,13 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reproduction.evaluate",
         description="Top-1/top-5 error of a checkpoint on the centre patch and with the ten-patch "
-                    "softmax average (§4.1, §6). Writes final.json beside the checkpoint and prints it.")
+                    "softmax average (§4.1, §6). Writes the result (default: final.json beside the "
+                    "checkpoint) and prints it.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint.pt")
     parser.add_argument("--data", type=Path, required=True, help="a folder prepared by python -m data_prep")
     parser.add_argument("--split", default="val", help="the split to evaluate (default: val)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, or two devices 'cuda:0,cuda:1' for the towers (default: the GPU(s) if any)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the result (default: final.json beside the checkpoint; give "
+                             "another name, e.g. test.json, for a split other than the run's val)")
     args = parser.parse_args(argv)
 
     from reproduction.train import parse_devices  # the same placement rule as training
@@ -104,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            channels_last=config.train.channels_last)
     result |= {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
                "epochs_trained": state["epoch"], "seconds": round(time.time() - start, 1)}
-    write_json(args.checkpoint.parent / "final.json", result)
+    write_json(args.output or args.checkpoint.parent / "final.json", result)
     print(json.dumps(result, indent=2))
     return 0
 

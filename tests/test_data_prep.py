@@ -426,6 +426,26 @@ def test_fashion_mnist_real_full(shared_data, tmp_path):
         assert (z["eigval"] >= 0).all() and np.allclose(z["eigvec"].T @ z["eigvec"], np.eye(3))
 
 
+def test_holdout_carves_val_out_of_train_and_keeps_the_test_split(shared_data, tmp_path):
+    src = sources.fashion_mnist(shared_data / "fashion-mnist")
+    m = prepare(src, tmp_path / "out", Options(**{**FAST, "holdout": 3, "limit_per_class": 4}))
+    names = {s: (tmp_path / "out" / f"{s}.names.txt").read_text().split() for s in ("train", "val", "test")}
+    labels = {s: np.load(tmp_path / "out" / f"{s}.index.npy")[:, 2] for s in names}
+    assert m["splits"]["val"]["per_class"] == [3] * 10 and m["splits"]["train"]["per_class"] == [4] * 10
+    assert m["splits"]["test"]["per_class"] == [3, 4, 4, 4, 4, 4, 4, 4, 4, 4]  # the official test images
+    assert not set(names["val"]) & set(names["train"])
+    first = {}  # val = the first 3 training images of each class, in the source's order
+    for r in src.records("train"):
+        first.setdefault(r.label, [])
+        if len(first[r.label]) < 3:
+            first[r.label].append(r.name)
+    assert sorted(names["val"]) == sorted(n for ns in first.values() for n in ns)
+    assert set(labels["val"].tolist()) == set(range(10))
+    assert all(n.startswith("test/") for n in names["test"])
+    assert m["splits"]["val"]["stored_from"].startswith("train, the first 3")
+    assert not m["expected_counts"]["checked"]  # a subset: nothing to compare with the official counts
+
+
 def build_tiny_zip(shared: Path, path: Path, wnids_keep: int = 3, per_class: int = 4) -> list[str]:
     """The official tiny-imagenet-200.zip layout, from the first images of the real shard."""
     by_wnid: dict[str, list[tuple[str, bytes]]] = {}
