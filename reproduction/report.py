@@ -179,7 +179,8 @@ def plot_curves(groups: dict, out: Path) -> list[Path]:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 error (%)")
-        ax.set_title(f"{dataset}: validation top-1 (solid, centre patch) and training error (dashed)")
+        ax.set_title(f"{dataset}\nvalidation top-1 error (solid, centre patch), training error (dashed)",
+                     fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -222,7 +223,10 @@ def write_report(results: Path) -> Path:
         lines += ["", "### Ten patches vs the centre patch (§4.1)", ""]
         lines += ten_patch_table(groups)
         lines += ["", "### Training curves", ""]
-        lines += [f"![{p.stem}]({p.name})" for p in plot_curves(groups, results)]
+        pngs = plot_curves(groups, results)
+        for stale in set(results.glob("curves-*.png")) - set(pngs):  # of run folders since removed
+            stale.unlink()
+        lines += [f"![{p.stem}]({p.name})" for p in pngs]
     path = results / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
