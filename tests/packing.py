@@ -49,3 +49,19 @@ def pack_set(root: Path, splits: dict[str, list[tuple[np.ndarray | bytes, int]]]
                 "splits": counts, "stats": "stats.npz", "skipped": [], "settings": {}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def colour_set(root: Path, *, train: int, val: int, seed: int) -> Path:
+    """A tiny 4-class set of 32×32 images whose colour says the class (upsampled to 256 at
+    load, §2): image i has label i mod 4; the train images are drawn first, then the val ones."""
+    rng = np.random.default_rng(seed)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+    def image(label):
+        noise = rng.integers(-30, 30, size=(32, 32, 3))
+        return np.clip(np.array(colours[label]) + noise, 0, 255).astype(np.uint8)
+
+    train_items = [(image(i % 4), i % 4) for i in range(train)]
+    val_items = [(image(i % 4), i % 4) for i in range(val)]
+    return pack_set(root, {"train": train_items, "val": val_items}, num_classes=4,
+                    mean=np.full((3, 256, 256), 120.0))

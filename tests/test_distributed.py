@@ -9,12 +9,11 @@ import socket
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from packing import pack_set
+from packing import colour_set
 from reproduction import runs
 from reproduction.config import DataConfig, RunConfig
 from reproduction.data import PackedSet, load_stats, shard_range, train_batches
@@ -36,16 +35,7 @@ SETTINGS = ["--set", "batch_size=3", "epochs=1", "seed=5", "dropout=0.0", "stuck
 @pytest.fixture(scope="module")
 def seven(tmp_path_factory):
     """4 classes of 32×32 images whose colour says the class; 7 train and 7 val images."""
-    rng = np.random.default_rng(1)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
-
-    def image(label):
-        noise = rng.integers(-30, 30, size=(32, 32, 3))
-        return np.clip(np.array(colours[label]) + noise, 0, 255).astype(np.uint8)
-
-    items = lambda: [(image(i % 4), i % 4) for i in range(7)]
-    return pack_set(tmp_path_factory.mktemp("seven"), {"train": items(), "val": items()},
-                    num_classes=4, mean=np.full((3, 256, 256), 120.0))
+    return colour_set(tmp_path_factory.mktemp("seven"), train=7, val=7, seed=1)
 
 
 # ------------------------------------------------------------------ two processes on loopback

@@ -7,11 +7,10 @@ import math
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
-from packing import pack_set
+from packing import colour_set
 from reproduction import runs
 from reproduction.config import DataConfig, RunConfig, override
 from reproduction.data import PackedSet, load_stats
@@ -28,18 +27,8 @@ TINY = override(RunConfig(), {"batch_size": 4, "epochs": 2, "seed": 3, "stuck_st
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    """4 classes of 32×32 images whose colour says the class (upsampled to 256 at load, §2)."""
-    rng = np.random.default_rng(0)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
-
-    def image(label):
-        noise = rng.integers(-30, 30, size=(32, 32, 3))
-        return np.clip(np.array(colours[label]) + noise, 0, 255).astype(np.uint8)
-
-    train_items = [(image(i % 4), i % 4) for i in range(14)]  # 14: the last batch of 4 is partial
-    val_items = [(image(i % 4), i % 4) for i in range(6)]
-    return pack_set(tmp_path_factory.mktemp("tiny"), {"train": train_items, "val": val_items},
-                    num_classes=4, mean=np.full((3, 256, 256), 120.0))
+    """14 train images (the last batch of 4 is partial) and 6 val images of 4 colour classes."""
+    return colour_set(tmp_path_factory.mktemp("tiny"), train=14, val=6, seed=0)
 
 
 def run(tiny_set, out, config=TINY, **kw):
