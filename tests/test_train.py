@@ -264,8 +264,14 @@ def test_finetune_from_a_checkpoint_on_five_real_tiny_imagenet_classes(shared_da
     assert meta["config"]["train"]["freeze"] == frozen.split(",") and meta["config"]["model"]["num_classes"] == 5
     final = json.loads((out / "final.json").read_text())
     assert final["centre"]["images"] == 10  # 5 classes × 2 real val images
-    # the fresh fc8 was trained (it is not frozen): it moved away from its initialisation
     assert runs.read_metrics(out)[0]["step"] == 3
+    # fc8 started from §5's fresh initialisation (same seed, same draws) and, not frozen, was trained
+    from reproduction.config import RunConfig, from_dict
+    from reproduction.model import AlexNet
+    torch.manual_seed(meta["config"]["train"]["seed"])
+    fresh = AlexNet(from_dict(RunConfig, meta["config"]).model).state_dict()["fc8.weight"]
+    assert not torch.equal(after["fc8.weight"], fresh)
+    assert (after["fc8.weight"] - fresh).abs().max() < 0.05  # a few small steps from that start
 
 
 def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, capsys):
