@@ -198,6 +198,7 @@ class TrainConfig:
     precision: str = "fp32"                # "fp32" (the paper's) | "bf16" autocast (opt-in, not in the paper)
     channels_last: bool = False            # opt-in memory format (not in the paper)
     compile: bool = False                  # opt-in torch.compile (not in the paper)
+    fused_lrn: bool = False                # opt-in Triton kernel for §3.3's LRN on CUDA: the same formula, one fused pass (not in the paper)
     deterministic: bool = False            # torch.use_deterministic_algorithms (bit-exact reruns, slower on GPU)
 
     def __post_init__(self) -> None:
@@ -234,3 +235,46 @@ class RunConfig:
                 object.__setattr__(self, f.name, from_dict(kind, value))
             elif not isinstance(value, kind):
                 raise ValueError(f"RunConfig.{f.name} must be a {kind.__name__}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class CifarConfig:
+    """The paper's two CIFAR-10 experiments (§3.1 Fig. 1, §3.3), run with Krizhevsky's own
+    four-layer nets from cuda-convnet's example-layers/ (read by reproduction/cifar.py).
+
+    Defaults are layers-18pct.cfg + layer-params-18pct.cfg, the four-layer net (three conv
+    layers and a classifier) of the kind Fig. 1 describes; reproduction/experiments.py
+    states each experiment as a diff from it.
+    """
+    layout: str = "18pct"            # "18pct": conv32-conv32-conv64-fc10 (layers-18pct.cfg) | "conv-local": conv64-conv64-local32-local32-fc10 (layers-conv-local-1{1,3}pct.cfg, §3.3's 13% / 11% pair)
+    activation: str = "relu"         # §3.1: "relu" | "tanh" (Fig. 1's comparison)
+    norm: str = "spatial"            # "spatial" = cuda-convnet's rnorm (same map, size×size region) | "crossmap" = §3.3's form (adjacent maps) | "none"
+    norm_size: int = 3               # rnorm's size (18pct: 3; conv-local-11pct: 5 maps)
+    norm_scale: float = 5e-5         # α: b = a / (1 + α/size^d · Σ a²)^β with d = 2 (spatial) or 1 (crossmap), as cuda-convnet
+    norm_pow: float = 0.75           # β
+    crop: int = 32                   # 32 = whole images (18pct) | 24 = random 24×24 crops + centre crop at test (cuda-convnet's cifar-cropped, conv-local)
+    flip: bool = False               # random horizontal flips while training (cifar-cropped does them)
+    batch_size: int = 128            # cuda-convnet's --mini=128
+    lr: float = 0.001                # epsW (on the batch-mean gradient); biases use 2× (epsB = 0.002)
+    momentum: float = 0.9            # momW, momB
+    weight_decay_conv: float = 0.004  # wc of the conv layers
+    weight_decay_top: float = 1.0    # wc of the local and fc layers (18pct: fc10 wc=1)
+    epochs: int = 140                # layer-params-18pct: ÷10 after 120 epochs, again after 10 more
+    drop_epochs: tuple[int, ...] = (120, 130)  # epochs (0-based) that start at ε/10, ε/100
+    stop_below: float = 0.0          # stop after the epoch in which training error reaches this (Fig. 1's 0.25); 0 = run all epochs
+    seed: int = 0                    # init, data order, crops and flips all derive from it
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(self, "stop_below", 0 <= self.stop_below < 1, "a fraction in [0, 1)")
+        _require(self, "layout", self.layout in ("18pct", "conv-local"), "'18pct' or 'conv-local'")
+        _require(self, "activation", self.activation in ("relu", "tanh"), "'relu' or 'tanh'")
+        _require(self, "norm", self.norm in ("spatial", "crossmap", "none"), "'spatial', 'crossmap' or 'none'")
+        _require(self, "norm_size", self.norm_size >= 1 and self.norm_size % 2 == 1, "an odd integer >= 1")
+        for name in ("norm_scale", "norm_pow", "lr", "momentum", "weight_decay_conv", "weight_decay_top"):
+            _require(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        _require(self, "crop", self.crop in (24, 32), "32 (whole images) or 24 (cuda-convnet's cropped provider)")
+        for name in ("batch_size", "epochs"):
+            _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        _require(self, "drop_epochs", list(self.drop_epochs) == sorted(set(self.drop_epochs))
+                 and all(e >= 1 for e in self.drop_epochs), "increasing epochs >= 1")

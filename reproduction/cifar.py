@@ -1,0 +1,497 @@
+"""The paper's CIFAR-10 experiments with Krizhevsky's own four-layer nets (cuda-convnet).
+
+§3.1, Fig. 1: "A four-layer convolutional neural network with ReLUs (solid line) reaches a 25%
+training error rate on CIFAR-10 six times faster than an equivalent network with tanh neurons
+(dashed line). The learning rates for each network were chosen independently to make training
+as fast as possible. No regularization of any kind was employed."
+
+§3.3: "On CIFAR-10, a four-layer CNN achieved a 13% test error rate without normalization and
+11% with normalization."
+
+The nets are cuda-convnet's example layer files, the code the paper's authors released with it:
+  layout "18pct"       layers-18pct.cfg: conv 32 5×5 → max pool 3/2 → rnorm → conv 32 5×5 →
+                       avg pool 3/2 → rnorm → conv 64 5×5 → avg pool 3/2 → fc 10
+  layout "conv-local"  layers-conv-local-13pct.cfg (no normalisation) and -11pct.cfg (cross-map
+                       normalisation, n=5, α=0.001, β=0.75): conv 64 5×5 → [norm] → max pool →
+                       conv 64 5×5 → [norm] → max pool → local 32 3×3 → local 32 3×3 → fc 10
+  (the 13% / 11% names are the paper's §3.3 numbers: that pair is the claim's net).
+
+cuda-convnet's arithmetic is kept: pixels 0-255 minus the training set's mean image, pooling
+windows that may overhang the edge (outputsX = ceil((S − 3)/2) + 1), per-layer Gaussian init
+(initW), biases 0, and its update v ← μv − wc·ε·w − ε·⟨∂L/∂w⟩ (the paper's §5 form, biases at
+2ε and no decay), which is reproduction.optim.PaperSGD with per-layer groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from reproduction.config import CifarConfig
+from reproduction.optim import PaperSGD, fixed_schedule_lr
+from reproduction.runs import append_metrics, environment, git_state, read_json, read_metrics, write_json
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+# --- the layers cuda-convnet has and torch does not -------------------------------------------
+
+class ResponseNorm(nn.Module):
+    """cuda-convnet's two response normalisations, b = a / (1 + α/n^d · Σ a²)^β (its k is 1):
+    "crossmap" sums over n adjacent maps (§3.3's form, d = 1); "spatial" (type=rnorm in
+    layers-18pct.cfg) over an n×n region of the same map (d = 2). Windows are clipped at the edges."""
+
+    def __init__(self, kind: str, size: int, scale: float, power: float) -> None:
+        super().__init__()
+        self.kind, self.size, self.scale, self.power = kind, size, scale, power
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "crossmap":
+            return F.local_response_norm(x, self.size, alpha=self.scale, beta=self.power, k=1.0)
+        # Zero padding + count_include_pad makes avg_pool the clipped window's sum / n².
+        mean_sq = F.avg_pool2d(x * x, self.size, stride=1, padding=self.size // 2, count_include_pad=True)
+        return x / (1 + self.scale * mean_sq).pow(self.power)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, n={self.size}, alpha={self.scale}, beta={self.power}, k=1"
+
+
+class LocallyConnected(nn.Module):
+    """cuda-convnet's type=local: a convolution whose filters are not shared across positions
+    (a separate filter bank, and bias, for each output position)."""
+
+    def __init__(self, in_channels: int, out_channels: int, size: int, kernel: int, padding: int) -> None:
+        super().__init__()
+        self.kernel, self.padding, self.size = kernel, padding, size
+        positions = size * size  # stride 1, "same" padding: the output is size×size
+        self.weight = nn.Parameter(torch.empty(positions, in_channels * kernel * kernel, out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels, positions))
+
+    def forward(self, x: Tensor) -> Tensor:
+        cols = F.unfold(x, self.kernel, padding=self.padding)          # N × (C·k·k) × P
+        y = torch.einsum("ncp,pco->nop", cols, self.weight) + self.bias  # N × O × P
+        return y.reshape(x.shape[0], -1, self.size, self.size)
+
+
+def _pool(kind: str) -> nn.Module:
+    # cuda-convnet's outputsX=0 → ceil((S − 3)/2) + 1 windows: the last one may overhang.
+    if kind == "max":
+        return nn.MaxPool2d(3, 2, ceil_mode=True)
+    return nn.AvgPool2d(3, 2, ceil_mode=True)
+
+
+def _act(name: str) -> nn.Module:
+    return nn.ReLU() if name == "relu" else nn.Tanh()
+
+
+def _norm(c: CifarConfig) -> nn.Module:
+    return nn.Identity() if c.norm == "none" else ResponseNorm(c.norm, c.norm_size, c.norm_scale, c.norm_pow)
+
+
+class Net18pct(nn.Module):
+    """layers-18pct.cfg, sizes for 32×32 input (crop=24 gives 24→12→6→3)."""
+
+    def __init__(self, c: CifarConfig) -> None:
+        super().__init__()
+        s = [c.crop, math.ceil((c.crop - 3) / 2) + 1]
+        s += [math.ceil((s[1] - 3) / 2) + 1]
+        s += [math.ceil((s[2] - 3) / 2) + 1]
+        self.conv1 = nn.Conv2d(3, 32, 5, padding=2)    # 32×32×32
+        self.pool1 = _pool("max")                      # 32×16×16 (the neuron sits after the pool)
+        self.act1 = _act(c.activation)
+        self.norm1 = _norm(c)
+        self.conv2 = nn.Conv2d(32, 32, 5, padding=2)   # 32×16×16
+        self.act2 = _act(c.activation)
+        self.pool2 = _pool("avg")                      # 32×8×8
+        self.norm2 = _norm(c)
+        self.conv3 = nn.Conv2d(32, 64, 5, padding=2)   # 64×8×8
+        self.act3 = _act(c.activation)
+        self.pool3 = _pool("avg")                      # 64×4×4
+        self.fc10 = nn.Linear(64 * s[3] ** 2, 10)      # 10
+        self.init_std = {"conv1": 1e-4, "conv2": 0.01, "conv3": 0.01, "fc10": 0.01}  # initW
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm1(self.act1(self.pool1(self.conv1(x))))
+        x = self.norm2(self.pool2(self.act2(self.conv2(x))))
+        x = self.pool3(self.act3(self.conv3(x)))
+        return self.fc10(x.flatten(1))
+
+
+class ConvLocalNet(nn.Module):
+    """layers-conv-local-11pct.cfg (norm="crossmap") / -13pct.cfg (norm="none"), 24×24 input."""
+
+    def __init__(self, c: CifarConfig) -> None:
+        super().__init__()
+        s1 = math.ceil((c.crop - 3) / 2) + 1
+        s2 = math.ceil((s1 - 3) / 2) + 1
+        self.conv1 = nn.Conv2d(3, 64, 5, padding=2)     # 64×24×24
+        self.act1 = _act(c.activation)
+        self.norm1 = _norm(c)
+        self.pool1 = _pool("max")                       # 64×12×12
+        self.conv2 = nn.Conv2d(64, 64, 5, padding=2)    # 64×12×12
+        self.act2 = _act(c.activation)
+        self.norm2 = _norm(c)
+        self.pool2 = _pool("max")                       # 64×6×6
+        self.local3 = LocallyConnected(64, 32, s2, 3, 1)  # 32×6×6
+        self.act3 = _act(c.activation)
+        self.local4 = LocallyConnected(32, 32, s2, 3, 1)  # 32×6×6
+        self.act4 = _act(c.activation)
+        self.fc10 = nn.Linear(32 * s2 * s2, 10)         # 10
+        self.init_std = {"conv1": 1e-4, "conv2": 0.01, "local3": 0.04, "local4": 0.04, "fc10": 0.01}
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool1(self.norm1(self.act1(self.conv1(x))))
+        x = self.pool2(self.norm2(self.act2(self.conv2(x))))
+        x = self.act4(self.local4(self.act3(self.local3(x))))
+        return self.fc10(x.flatten(1))
+
+
+def cifar_net(c: CifarConfig) -> nn.Module:
+    """The config's net with cuda-convnet's initialisation (weights ~ N(0, initW²), biases 0)."""
+    net = Net18pct(c) if c.layout == "18pct" else ConvLocalNet(c)
+    with torch.no_grad():
+        for name, std in net.init_std.items():
+            layer = getattr(net, name)
+            layer.weight.normal_(0.0, std)
+            layer.bias.zero_()
+    return net
+
+
+def param_groups(net: nn.Module, c: CifarConfig) -> list[dict]:
+    """cuda-convnet's per-layer rates: weights at epsW with their layer's wc, biases at epsB = 2·epsW
+    without decay (the layer-params files)."""
+    groups = []
+    for name in net.init_std:
+        layer = getattr(net, name)
+        wd = c.weight_decay_conv if name.startswith("conv") else c.weight_decay_top
+        groups.append({"params": [layer.weight], "weight_decay": wd, "lr_scale": 1.0})
+        groups.append({"params": [layer.bias], "weight_decay": 0.0, "lr_scale": 2.0})
+    return groups
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# --- the data: CIFAR-10's 32×32 pixels, held in memory -----------------------------------------
+
+def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None = None) -> dict:
+    """{"train": (uint8 N×3×32×32, int64 N), "test": (...)} from shared/data/cifar10's JPEG tars
+    (train.tar.gz, test.tar.gz of <class>/<name>.jpg), decoded once and cached as .npz.
+    per_class keeps the first n images of each class of each split (for quick runs and tests)."""
+    root = Path(root)
+    tars = {"train": root / "train.tar.gz", "test": root / "test.tar.gz"}
+    missing = [str(p) for p in tars.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 not found: missing {', '.join(missing)} "
+                                f"(expected ../shared/data/cifar10 or --data DIR with train.tar.gz, test.tar.gz)")
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            data = {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in tars}
+    else:
+        data = {}
+        index = {name: i for i, name in enumerate(CLASSES)}
+        for split, path in tars.items():
+            images, labels = [], []
+            with tarfile.open(path, "r|gz") as tar:
+                for member in tar:
+                    cls = member.name.split("/")[0]
+                    if not member.isfile() or cls not in index:
+                        continue
+                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                        images.append(np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1))
+                    labels.append(index[cls])
+            data[split] = (np.stack(images), np.asarray(labels, np.int64))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **{f"{s}_{k}": v for s, (x, y) in data.items() for k, v in (("x", x), ("y", y))})
+    if per_class is not None:
+        data = {s: _first_per_class(x, y, per_class) for s, (x, y) in data.items()}
+    return {s: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)) for s, (x, y) in data.items()}
+
+
+def _first_per_class(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(len(CLASSES))])
+    keep.sort()
+    return x[keep], y[keep]
+
+
+def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch: int, *,
+            train: bool) -> list[tuple[Tensor, Tensor]]:
+    """One epoch of float batches: mean image subtracted (0-255 scale, as cuda-convnet's CIFAR
+    provider); with crop=24 a random crop (train) or the centre crop (test) of image and mean,
+    and with flip a random mirror while training. Every draw is keyed by (seed, epoch)."""
+    # DEVIATION(cuda-convnet): it visits its five fixed 10,000-image batch files in order; we
+    # shuffle the whole training set each epoch (keyed by the seed), as §5's SGD assumes.
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+    n = len(labels)
+    order = torch.randperm(n, generator=g) if train else torch.arange(n)
+    border = 32 - c.crop
+    if train and border:
+        offsets = torch.randint(0, border + 1, (n, 2), generator=g)
+    else:
+        offsets = torch.full((n, 2), border // 2)
+    flips = torch.rand(n, generator=g) < 0.5 if (train and c.flip) else torch.zeros(n, dtype=torch.bool)
+    centre = mean[:, border // 2:border // 2 + c.crop, border // 2:border // 2 + c.crop]
+    out = []
+    for start in range(0, n, c.batch_size):
+        idx = order[start:start + c.batch_size]
+        x = images[idx].float()
+        if border:
+            rows = offsets[idx, 0, None] + torch.arange(c.crop)
+            cols = offsets[idx, 1, None] + torch.arange(c.crop)
+            x = x[torch.arange(len(idx))[:, None, None, None], torch.arange(3)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+        x = x - centre
+        flip = flips[idx]
+        if flip.any():
+            x[flip] = x[flip].flip(-1)
+        out.append((x.contiguous(memory_format=torch.channels_last), labels[idx]))
+    return out
+
+
+# --- training ----------------------------------------------------------------------------------
+
+PARTS = 5  # training error is recorded for each fifth of an epoch, so Fig. 1's crossing is resolved
+
+
+def train_cifar(c: CifarConfig, data: dict, *, log: Callable[[str], None] = print,
+                on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train one net; return one metrics row per epoch: training error and loss over the epoch
+    (as cuda-convnet reports them: averaged over its minibatches, dropout-free nets, so no extra
+    pass), per fifth of the epoch, and the test error after it. Stops at a non-finite loss, and
+    after the epoch in which training error reaches `stop_below` (when set)."""
+    torch.manual_seed(c.seed)
+    net = cifar_net(c).to(memory_format=torch.channels_last)
+    groups = param_groups(net, c)
+    optimiser = PaperSGD(groups, lr=c.lr, momentum=c.momentum)
+    train_x, train_y = data["train"]
+    mean = train_x.float().mean(0)
+    rows = []
+    for epoch in range(c.epochs):
+        lr = fixed_schedule_lr(epoch, c.lr, c.drop_epochs)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        start = time.perf_counter()
+        net.train()
+        work = batches(train_x, train_y, mean, c, epoch, train=True)
+        bounds = [round(len(work) * (i + 1) / PARTS) for i in range(PARTS)]
+        errors, losses, seen, parts = 0, 0.0, 0, []
+        part_errors = part_seen = 0
+        finite = True
+        for i, (x, y) in enumerate(work):
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            wrong, value = int((logits.argmax(1) != y).sum()), loss.item()
+            errors, losses, seen = errors + wrong, losses + value * len(y), seen + len(y)
+            part_errors, part_seen = part_errors + wrong, part_seen + len(y)
+            if not math.isfinite(value):
+                finite = False
+                break
+            if i + 1 in bounds:
+                parts.append(part_errors / part_seen)
+                part_errors = part_seen = 0
+        row = {"epoch": epoch, "lr": lr, "train_error": errors / max(seen, 1),
+               "train_loss": losses / max(seen, 1), "train_error_parts": parts,
+               "test_error": evaluate_cifar(net, data["test"], mean, c) if finite else None,
+               "seconds": time.perf_counter() - start, "diverged": not finite}
+        rows.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        remaining = (c.epochs - epoch - 1) * row["seconds"]
+        log(f"  epoch {epoch + 1}/{c.epochs}  train error {row['train_error']:.3f}  "
+            f"test error {row['test_error'] if row['test_error'] is None else round(row['test_error'], 4)}  "
+            f"lr {lr:g}  {seen / row['seconds']:.0f} img/s  ETA {remaining / 60:.1f} min")
+        if not finite:
+            log(f"  stopped: the loss became {value} (learning rate {c.lr:g} too high for this net)")
+            break
+        if c.stop_below and min(parts, default=1.0) <= c.stop_below:
+            log(f"  stopped: training error reached {c.stop_below:.0%} (stop_below)")
+            break
+    return rows
+
+
+@torch.no_grad()
+def evaluate_cifar(net: nn.Module, split: tuple[Tensor, Tensor], mean: Tensor, c: CifarConfig) -> float:
+    """Top-1 error on a split (the centre crop when crop=24)."""
+    net.eval()
+    wrong = total = 0
+    for x, y in batches(*split, mean, c, 0, train=False):
+        wrong += int((net(x).argmax(1) != y).sum())
+        total += len(y)
+    net.train()
+    return wrong / total
+
+
+def error_curve(rows: Sequence[dict]) -> list[tuple[float, float]]:
+    """(epochs trained, training error) points: the error over each fifth of an epoch, placed at
+    the end of that fifth (so the curve starts at (0.2, ·))."""
+    points = []
+    for row in rows:
+        parts = row.get("train_error_parts") or [row["train_error"]]
+        for i, err in enumerate(parts):
+            points.append((row["epoch"] + (i + 1) / len(parts), err))
+    return points
+
+
+def epochs_to(points: Sequence[tuple[float, float]], threshold: float) -> float | None:
+    """The first time the training-error curve reaches `threshold`, linearly interpolated
+    between the two points around the crossing; None if it never does."""
+    previous = (0.0, 0.9)  # before any training: chance on 10 classes
+    for x, err in points:
+        if err <= threshold:
+            (x0, e0) = previous
+            if e0 <= threshold or e0 == err:
+                return x
+            return x0 + (e0 - threshold) / (e0 - err) * (x - x0)
+        previous = (x, err)
+    return None
+
+
+# --- the two experiments: run folders, the learning-rate sweep, summaries, Fig. 1 --------------
+
+def run_folder(out: Path, c: CifarConfig, data: dict, meta: dict, *, log: Callable[[str], None] = print) -> list[dict]:
+    """Train `c` into a run folder (config.json, metrics.jsonl one line per epoch, final.json).
+    A folder already finished with the same config is reused, so a rerun of an experiment
+    command picks up where an interrupted one stopped."""
+    config = dataclasses.asdict(c)
+    if (out / "final.json").exists() and read_json(out / "config.json").get("config") == config:
+        log(f"{out}: finished already, reused")
+        return read_metrics(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "final.json").unlink(missing_ok=True)
+    write_json(out / "config.json", {"config": config, **meta, "git": git_state(),
+                                     "environment": environment([torch.device("cpu")]),
+                                     "data": {s: len(y) for s, (_, y) in data.items()}})
+    log(f"{out}: {c.layout} {c.activation} norm={c.norm} lr={c.lr:g} seed={c.seed}")
+    rows = train_cifar(c, data, log=log, on_epoch=lambda row: append_metrics(out, row))
+    last = rows[-1]
+    write_json(out / "final.json", {"epochs": len(rows), "train_error": last["train_error"],
+                                    "test_error": last["test_error"], "diverged": last["diverged"],
+                                    "epochs_to_25": epochs_to(error_curve(rows), 0.25)})
+    return rows
+
+
+def sweep_score(rows: Sequence[dict]) -> tuple:
+    """Order for "as fast as possible" (§3.1): runs reaching 25% training error sooner first,
+    then the rest by their last training error; diverged runs last."""
+    if rows[-1]["diverged"]:
+        return (2, math.inf)
+    reached = epochs_to(error_curve(rows), 0.25)
+    return (0, reached) if reached is not None else (1, rows[-1]["train_error"])
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def relu_tanh(configs: dict[str, CifarConfig], data: dict, out: Path, *, seeds: Sequence[int],
+              lrs: Sequence[float], sweep_epochs: int, meta: dict, log: Callable[[str], None] = print) -> dict:
+    """Fig. 1: per activation, pick ε from `lrs` by a short sweep (seed 0, `sweep_epochs`
+    epochs), then train every seed at it until 25% training error (or the config's epochs)."""
+    summary = {"experiment": "cifar-relu-tanh", **meta, "threshold": 0.25, "activations": {}}
+    for name, base in configs.items():
+        sweep = []
+        for lr in lrs:
+            c = dataclasses.replace(base, lr=lr, epochs=sweep_epochs, seed=0)
+            rows = run_folder(out / "sweep" / f"{name}-lr{lr:g}", c, data, meta, log=log)
+            sweep.append({"lr": lr, "epochs_to_25": epochs_to(error_curve(rows), 0.25),
+                          "train_error": rows[-1]["train_error"], "diverged": rows[-1]["diverged"],
+                          "score": sweep_score(rows)})
+        best = min(sweep, key=lambda s: s["score"])["lr"]
+        log(f"{name}: ε = {best:g} chosen from {', '.join(f'{s:g}' for s in lrs)}")
+        runs = {}
+        for seed in seeds:
+            folder = out / "runs" / name / f"seed{seed}"
+            rows = run_folder(folder, dataclasses.replace(base, lr=best, seed=seed), data, meta, log=log)
+            runs[seed] = {"folder": str(folder.relative_to(out)), "epochs_run": len(rows),
+                          "epochs_to_25": epochs_to(error_curve(rows), 0.25), "curve": error_curve(rows)}
+        for s in sweep:
+            s.pop("score")
+        summary["activations"][name] = {"lr": best, "sweep": sweep, "runs": runs, "cap": base.epochs}
+    summary["ratio"] = _ratio(summary["activations"], seeds)
+    plot_fig1(summary, out / "fig1.png")
+    return summary
+
+
+def _ratio(acts: dict, seeds: Sequence[int]) -> dict:
+    """tanh's epochs to 25% over ReLU's, per seed (paired by seed) and as mean ± sd; a tanh run
+    that never got there gives a lower bound (its epoch cap)."""
+    relu, tanh = acts.get("relu"), acts.get("tanh")
+    if not relu or not tanh:
+        return {}
+    per_seed, bound = [], False
+    for s in seeds:
+        r, t = relu["runs"][s]["epochs_to_25"], tanh["runs"][s]["epochs_to_25"]
+        if r is None:
+            return {"note": f"ReLU seed {s} never reached 25%: no ratio"}
+        if t is None:
+            t, bound = tanh["runs"][s]["epochs_run"], True
+        per_seed.append(t / r)
+    m, sd = mean_sd(per_seed)
+    return {"per_seed": per_seed, "mean": m, "sd": sd, "lower_bound": bound}
+
+
+def response_norm(configs: dict[str, CifarConfig], data: dict, out: Path, *, seeds: Sequence[int],
+                  meta: dict, log: Callable[[str], None] = print) -> dict:
+    """§3.3 on CIFAR-10: the same net with and without response normalisation, every seed;
+    final test error of each and the difference (paired by seed)."""
+    summary = {"experiment": "cifar-lrn", **meta, "variants": {}}
+    for name, c in configs.items():
+        runs = {}
+        for seed in seeds:
+            folder = out / "runs" / name / f"seed{seed}"
+            rows = run_folder(folder, dataclasses.replace(c, seed=seed), data, meta, log=log)
+            runs[seed] = {"folder": str(folder.relative_to(out)), "test_error": rows[-1]["test_error"],
+                          "train_error": rows[-1]["train_error"], "epochs_run": len(rows)}
+        errors = [r["test_error"] for r in runs.values()]
+        m, sd = mean_sd(errors)
+        summary["variants"][name] = {"runs": runs, "test_error_mean": m, "test_error_sd": sd, "epochs": c.epochs}
+    names = list(configs)
+    if len(names) == 2:
+        a, b = (summary["variants"][n]["runs"] for n in names)
+        diffs = [a[s]["test_error"] - b[s]["test_error"] for s in seeds]
+        m, sd = mean_sd(diffs)
+        summary["difference"] = {"of": f"{names[0]} − {names[1]}", "per_seed": diffs, "mean": m, "sd": sd}
+    return summary
+
+
+def plot_fig1(summary: dict, path: Path) -> None:
+    """Training error against epochs as the paper drew it: ReLU solid, tanh dashed (one line
+    per seed), with the 25% line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, act in summary["activations"].items():
+        for i, run in enumerate(act["runs"].values()):
+            x, y = zip(*([(0.0, 0.9)] + [tuple(p) for p in run["curve"]]))
+            ax.plot(x, y, "-" if name == "relu" else "--", color="k" if name == "relu" else "tab:blue",
+                    lw=1, label=f"{name} (ε = {act['lr']:g})" if i == 0 else None)
+    ax.axhline(summary["threshold"], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("Epochs")
+    ax.set_ylabel("Training error rate")
+    ax.set_ylim(0, 0.8)
+    ax.legend()
+    ax.set_title(f"CIFAR-10, four-layer net, {len(next(iter(summary['activations'].values()))['runs'])} seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
