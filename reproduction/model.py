@@ -18,6 +18,7 @@ conv2.weight 256×48×5×5, so a checkpoint saved under one placement loads unde
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reproduction import lrn_triton
 from reproduction.config import LAYERS, PAPER, AlexNetConfig, override
 
 TOWER_NAMES = "ab"  # tower A (the first GPU) and tower B (the second)
@@ -142,7 +144,12 @@ class LocalResponseNorm(nn.Module):
 
     form="code": c = α/n, as in Krizhevsky's cuda-convnet2 (`scale /= size`) and
     torch's `nn.LocalResponseNorm`; form="paper": c = α, the §3.3 formula read literally.
+
+    fused=True (a performance switch, not in the paper): the same formula as one Triton kernel
+    each way (`lrn_triton`) on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (the tests).
     """
+
+    fused: bool = False
 
     def __init__(self, size: int, alpha: float, beta: float, k: float, form: str) -> None:
         super().__init__()
@@ -153,10 +160,13 @@ class LocalResponseNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # F.local_response_norm divides its alpha by size; undo that for the literal form.
         alpha = self.alpha * self.size if self.form == "paper" else self.alpha
+        if self.fused and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            return lrn_triton.local_response_norm(x, self.size, alpha, self.beta, self.k)
         return F.local_response_norm(x, self.size, alpha=alpha, beta=self.beta, k=self.k)
 
     def extra_repr(self):
-        return f"n={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, form={self.form!r}"
+        return (f"n={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, form={self.form!r}"
+                + (", fused" if self.fused else ""))
 
 
 class Dropout(nn.Module):
@@ -263,6 +273,13 @@ class AlexNet(nn.Module):
                 for kind in ("weight", "bias"):
                     p = getattr(layer, f"{kind}_{TOWER_NAMES[t]}")
                     p.data = p.data.to(d)
+        return self
+
+    def set_fused_lrn(self, on: bool) -> AlexNet:
+        """Performance switch (TrainConfig.fused_lrn): lrn1/lrn2 as Triton kernels on CUDA, same §3.3 formula."""
+        for lrn in (self.lrn1, self.lrn2):
+            if isinstance(lrn, LocalResponseNorm):
+                lrn.fused = on
         return self
 
     @property
