@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import tarfile
 import time
@@ -200,25 +201,33 @@ def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None
         with np.load(cache) as z:
             data = {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in tars}
     else:
-        data = {}
-        index = {name: i for i, name in enumerate(CLASSES)}
-        for split, path in tars.items():
-            images, labels = [], []
-            with tarfile.open(path, "r|gz") as tar:
-                for member in tar:
-                    cls = member.name.split("/")[0]
-                    if not member.isfile() or cls not in index:
-                        continue
-                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
-                        images.append(np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1))
-                    labels.append(index[cls])
-            data[split] = (np.stack(images), np.asarray(labels, np.int64))
-        if cache is not None:
+        data = {split: _read_tar(path, per_class) for split, path in tars.items()}
+        if cache is not None and per_class is None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **{f"{s}_{k}": v for s, (x, y) in data.items() for k, v in (("x", x), ("y", y))})
+            partial = cache.with_name(cache.name + ".partial")  # renamed when whole: no torn cache
+            with open(partial, "wb") as f:
+                np.savez(f, **{f"{s}_{k}": v for s, (x, y) in data.items() for k, v in (("x", x), ("y", y))})
+            partial.replace(cache)
     if per_class is not None:
         data = {s: _first_per_class(x, y, per_class) for s, (x, y) in data.items()}
     return {s: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)) for s, (x, y) in data.items()}
+
+
+def _read_tar(path: Path, per_class: int | None) -> tuple[np.ndarray, np.ndarray]:
+    index = {name: i for i, name in enumerate(CLASSES)}
+    images, labels, counts = [], [], [0] * len(CLASSES)
+    with tarfile.open(path, "r|gz") as tar:
+        for member in tar:
+            cls = member.name.split("/")[0]
+            if not member.isfile() or cls not in index:
+                continue
+            if per_class is not None and counts[index[cls]] >= per_class:
+                continue  # decode only what a subset keeps
+            counts[index[cls]] += 1
+            with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                images.append(np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1))
+            labels.append(index[cls])
+    return np.stack(images), np.asarray(labels, np.int64)
 
 
 def _first_per_class(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -368,7 +377,7 @@ def run_folder(out: Path, c: CifarConfig, data: dict, meta: dict, *, log: Callab
     """Train `c` into a run folder (config.json, metrics.jsonl one line per epoch, final.json).
     A folder already finished with the same config is reused, so a rerun of an experiment
     command picks up where an interrupted one stopped."""
-    config = dataclasses.asdict(c)
+    config = json.loads(json.dumps(dataclasses.asdict(c)))  # as config.json holds it (tuples → lists)
     if (out / "final.json").exists() and read_json(out / "config.json").get("config") == config:
         log(f"{out}: finished already, reused")
         return read_metrics(out)

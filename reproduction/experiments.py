@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = {name: override(c, args.set) for name, c in CIFAR_EXPERIMENTS[args.experiment].items()}
     except ValueError as e:
         parser.error(str(e))
-    data = cifar.load_cifar10(args.data, root / "data" / "cifar10-native.npz", per_class=args.per_class)
+    try:
+        data = cifar.load_cifar10(args.data, root / "data" / "cifar10-native.npz", per_class=args.per_class)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     command = "python -m reproduction.experiments " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = {"command": command, "per_class": args.per_class}

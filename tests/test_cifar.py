@@ -1,0 +1,178 @@
+"""The CIFAR-10 experiments' nets, layers, data views, Fig. 1's threshold and the commands."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reproduction import cifar, experiments
+from reproduction.cifar import LocallyConnected, ResponseNorm, cifar_net, epochs_to, error_curve
+from reproduction.config import CifarConfig, override
+from reproduction.experiments import CIFAR_EXPERIMENTS, CONV_LOCAL_11PCT, CONV_LOCAL_13PCT, FIG1
+
+
+def shapes(net, x):
+    out = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, tuple(o.shape[1:])))
+             for n, m in net.named_children()]
+    net(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_18pct_net_shapes_and_parameters():
+    net = cifar_net(CifarConfig())
+    s = shapes(net, torch.zeros(2, 3, 32, 32))
+    # layers-18pct.cfg: pools of 3/2 with cuda-convnet's overhanging last window, 32 → 16 → 8 → 4
+    assert s["conv1"] == (32, 32, 32) and s["pool1"] == (32, 16, 16)
+    assert s["conv2"] == (32, 16, 16) and s["pool2"] == (32, 8, 8)
+    assert s["conv3"] == (64, 8, 8) and s["pool3"] == (64, 4, 4) and s["fc10"] == (10,)
+    # conv 5×5×3×32, 5×5×32×32, 5×5×32×64 and fc 1024×10, each with its biases
+    assert cifar.count_parameters(net) == (75 * 32 + 32) + (800 * 32 + 32) + (800 * 64 + 64) + (1024 * 10 + 10) == 89_578
+
+
+def test_conv_local_net_shapes_and_parameters():
+    net = cifar_net(CONV_LOCAL_11PCT)
+    s = shapes(net, torch.zeros(2, 3, 24, 24))
+    assert s["conv1"] == (64, 24, 24) and s["pool1"] == (64, 12, 12)
+    assert s["conv2"] == (64, 12, 12) and s["pool2"] == (64, 6, 6)
+    assert s["local3"] == (32, 6, 6) and s["local4"] == (32, 6, 6) and s["fc10"] == (10,)
+    local = 36 * (576 * 32 + 32) + 36 * (288 * 32 + 32)  # unshared: one filter bank per position
+    assert cifar.count_parameters(net) == (75 * 64 + 64) + (1600 * 64 + 64) + local + (1152 * 10 + 10) == 1_116_490
+    assert isinstance(net.norm1, ResponseNorm) and net.norm1.kind == "crossmap"
+    assert isinstance(cifar_net(CONV_LOCAL_13PCT).norm1, torch.nn.Identity)
+
+
+def test_init_follows_the_layer_files():
+    torch.manual_seed(0)
+    net = cifar_net(CONV_LOCAL_11PCT)
+    assert abs(net.conv1.weight.std().item() - 1e-4) < 1e-5
+    assert abs(net.local3.weight.std().item() - 0.04) < 1e-3
+    assert all(getattr(net, n).bias.abs().sum() == 0 for n in net.init_std)
+
+
+def test_response_norms_against_written_out_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5) * 30
+    got = ResponseNorm("spatial", 3, 5e-5, 0.75)(x)
+    want = torch.empty_like(x)
+    for i in range(5):
+        for j in range(5):
+            region = x[:, :, max(0, i - 1):i + 2, max(0, j - 1):j + 2]  # clipped 3×3 region, same map
+            want[:, :, i, j] = x[:, :, i, j] / (1 + 5e-5 / 9 * region.pow(2).sum((2, 3))) ** 0.75
+    torch.testing.assert_close(got, want)
+    got = ResponseNorm("crossmap", 5, 1e-3, 0.75)(x)
+    for c in range(6):
+        window = x[:, max(0, c - 2):c + 3]
+        want[:, c] = x[:, c] / (1 + 1e-3 / 5 * window.pow(2).sum(1)) ** 0.75  # k = 1 in cuda-convnet
+    torch.testing.assert_close(got, want)
+
+
+def test_locally_connected_uses_one_filter_per_position():
+    torch.manual_seed(0)
+    layer = LocallyConnected(2, 3, size=4, kernel=3, padding=1)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 2, 4, 4)
+    padded = F.pad(x, (1, 1, 1, 1))
+    want = torch.empty(2, 3, 4, 4)
+    for i in range(4):
+        for j in range(4):
+            patch = padded[:, :, i:i + 3, j:j + 3].reshape(2, -1)  # (c, ky, kx) order, as unfold
+            want[:, :, i, j] = patch @ layer.weight[i * 4 + j] + layer.bias[:, i * 4 + j]
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_epochs_to_threshold_on_a_synthetic_curve():
+    points = [(0.5, 0.6), (1.0, 0.4), (1.5, 0.3), (2.0, 0.2)]
+    assert epochs_to(points, 0.25) == pytest.approx(1.75)   # halfway between 0.3 and 0.2
+    assert epochs_to(points, 0.4) == pytest.approx(1.0)     # reached exactly at a point
+    assert epochs_to(points, 0.1) is None
+    assert epochs_to([(0.2, 0.5)], 0.7) == pytest.approx(0.2 * 0.2 / 0.4)  # from chance, 0.9, at epoch 0
+    rows = [{"epoch": 0, "train_error": 0.5, "train_error_parts": [0.8, 0.6, 0.5, 0.4, 0.3]},
+            {"epoch": 1, "train_error": 0.2, "train_error_parts": [0.25, 0.2, 0.2, 0.2, 0.2]}]
+    curve = error_curve(rows)
+    assert curve[0] == (0.2, 0.8) and curve[4] == (1.0, 0.3) and curve[5] == (1.2, 0.25)
+    assert epochs_to(curve, 0.25) == pytest.approx(1.2)
+
+
+def test_batches_crop_flip_and_mean_are_keyed_by_seed_and_epoch():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(10)
+    mean = images.float().mean(0)
+    c = dataclasses.replace(CONV_LOCAL_11PCT, batch_size=4)
+    a = cifar.batches(images, labels, mean, c, 0, train=True)
+    b = cifar.batches(images, labels, mean, c, 0, train=True)
+    other = cifar.batches(images, labels, mean, c, 1, train=True)
+    assert [x.shape for x, _ in a] == [(4, 3, 24, 24)] * 2 + [(2, 3, 24, 24)]
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, other))
+    assert sorted(torch.cat([y for _, y in a]).tolist()) == list(range(10))  # each image once per epoch
+    # every training view is some crop (maybe mirrored) of its image minus the mean's centre crop
+    x, y = a[0][0][0], a[0][1][0]
+    centre = mean[:, 4:28, 4:28]
+    found = [(r, s, f) for r in range(9) for s in range(9) for f in (False, True)
+             if torch.allclose(x, (lambda v: v.flip(-1) if f else v)(images[y, :, r:r + 24, s:s + 24].float() - centre))]
+    assert found
+    test = cifar.batches(images, labels, mean, c, 0, train=False)[0][0]
+    torch.testing.assert_close(test, images[:4, :, 4:28, 4:28].float() - centre)
+
+
+def test_experiment_configs_change_only_what_they_claim():
+    relu, tanh = CIFAR_EXPERIMENTS["cifar-relu-tanh"].values()
+    assert dataclasses.replace(tanh, activation="relu") == relu == FIG1
+    assert FIG1.weight_decay_conv == FIG1.weight_decay_top == 0 and not FIG1.flip  # "no regularization"
+    no_norm, norm = CIFAR_EXPERIMENTS["cifar-lrn"].values()
+    assert dataclasses.replace(no_norm, norm="crossmap") == norm
+    with pytest.raises(ValueError, match="layout"):
+        override(CifarConfig(), ["layout=resnet"])
+    with pytest.raises(ValueError, match="crop"):
+        CifarConfig(crop=28)
+
+
+def test_training_learns_and_stops_at_the_threshold(shared_data):
+    data = cifar.load_cifar10(shared_data / "cifar10", per_class=2)
+    assert data["train"][0].shape == (20, 3, 32, 32) and torch.bincount(data["train"][1]).tolist() == [2] * 10
+    # one batch of 20 real images, learnt by heart until the 25% stop (FIG1's stop_below)
+    c = dataclasses.replace(FIG1, lr=0.003, epochs=60, batch_size=20)
+    rows = cifar.train_cifar(c, data, log=lambda s: None)
+    assert len(rows) < 60 and rows[-1]["train_error"] <= 0.25 < min(r["train_error"] for r in rows[:-1])
+    assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
+    assert all(len(r["train_error_parts"]) == 1 for r in rows)  # one batch: one part per epoch
+    assert rows[-1]["test_error"] is not None and not rows[-1]["diverged"]
+
+
+@pytest.mark.parametrize("experiment", ["cifar-relu-tanh", "cifar-lrn"])
+def test_experiment_commands_end_to_end(experiment, shared_data, tmp_path, capsys):
+    args = [experiment, "--data", str(shared_data / "cifar10"), "--out", str(tmp_path), "--per-class", "10",
+            "--seeds", "0", "1", "--set", "epochs=1", "batch_size=50"]
+    if experiment == "cifar-relu-tanh":
+        args += ["--lrs", "0.003", "0.01", "--sweep-epochs", "1"]
+    assert experiments.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    variants = summary["activations"] if experiment == "cifar-relu-tanh" else summary["variants"]
+    assert set(variants) == set(CIFAR_EXPERIMENTS[experiment])
+    for v in variants.values():
+        for run in v["runs"].values():
+            folder = tmp_path / run["folder"]
+            assert {"config.json", "metrics.jsonl", "final.json"} <= {p.name for p in folder.iterdir()}
+            assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+    if experiment == "cifar-relu-tanh":
+        assert (tmp_path / "fig1.png").stat().st_size > 0
+        assert {w["lr"] for w in summary["activations"]["tanh"]["sweep"]} == {0.003, 0.01}
+    else:
+        assert len(summary["difference"]["per_seed"]) == 2
+    capsys.readouterr()
+    assert experiments.main(args) == 0  # a rerun reuses every finished run folder
+    out = capsys.readouterr().out
+    assert "finished already, reused" in out and "epoch 1/1" not in out
+
+
+def test_experiment_command_explains_missing_data(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["cifar-lrn", "--data", str(tmp_path)])
+    assert "CIFAR-10 not found" in capsys.readouterr().err
