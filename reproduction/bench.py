@@ -1,26 +1,44 @@
 """Throughput benchmarks, one subcommand per part of the system (each a `bench_<name>` function
-with its `add_<name>_arguments`; later ones, e.g. model / train / eval, go beside `data`).
+with its `add_<name>_arguments`). results/benchmarks.md holds the commands and measured tables.
 
-    python -m reproduction.bench data --data DIR [--device cpu|cuda] [--batch-size 128] [--batches 20]
+    python -m reproduction.bench data  --data DIR [--device cpu|cuda] [--batch-size 128] [--batches 20]
+    python -m reproduction.bench model [--device cuda|cpu] [--batch-sizes 128 512] [--precisions fp32 bf16]
+                                       [--steps 30] [--warmup 5] [--variants ...] [--profile]
+    python -m reproduction.bench train --data DIR [--device cuda|cpu] [--batch-size 128] [--batches 30] [--set k=v ...]
+    python -m reproduction.bench eval  --data DIR [--device cuda|cpu] [--batch-size 128] [--ten-patch] [--set k=v ...]
 
 `data`: delivered training batches (read + decode + §4.1 augmentation, ready on the device) and
 centre-patch and ten-patch eval throughput, from a packed set written by data_prep/.
+`model`: one training step (forward, backward, update) on a synthetic batch: ours beside
+torchvision's alexnet run as its users run it; img/s from the median step.
+`train`: the real loader feeding the real step (`train.train_step`), beside the step alone on one
+resident batch and the loader alone (the decode ceiling).
+`eval`: `evaluate.evaluate`'s img/s, and the time that projects for ImageNet's 50,000 val images.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import itertools
+import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torchvision
+from torch import nn
 
-from reproduction.config import DataConfig, override
+from reproduction.config import DataConfig, RunConfig, TrainConfig, override
 from reproduction.data import PackedSet, default_workers, eval_batches, load_stats, train_batches
+from reproduction.evaluate import autocast, evaluate
+from reproduction.model import AlexNet
+from reproduction.optim import PaperSGD, paper_param_groups
 from reproduction.runs import device_name
+from reproduction.train import READ_EVERY, step_module, step_seed, train_step
 
 
 def time_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int,
@@ -88,13 +106,419 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="DataConfig overrides, e.g. --set lighting=paper mean=offset")
 
 
+# ------------------------------------------------------------------------------------ helpers
+
+def open_device(text: str | None) -> torch.device:
+    """--device: cuda when one is visible, else the CPU, unless named."""
+    device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_lines(device: torch.device) -> list[str]:
+    """Which machine and software a table comes from, and when."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [f"device: {device_name(device)}", f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+            f"date: {now}"]
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rate_text(rate: float) -> str:
+    """img/s for a table: whole numbers, three digits where they are small (CPU runs)."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
+def synthetic_batch(batch: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-centred-looking pixels (0–255 scale, §2) and random labels; speed does not depend on them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=g) * 60
+    return x.to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+def step_times(step: Callable[[], object], *, steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per step for `steps` steps after `warmup`, run back to back as training runs them:
+    on CUDA from events recorded on the stream between steps, with no wait for the device."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+    with torch.cuda.device(device):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for mark in marks[1:]:
+            step()
+            mark.record()
+        torch.cuda.synchronize(device)
+    return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
+
+
+# ------------------------------------------------------------------------ model: the step alone
+
+class Unavailable(Exception):
+    """A variant that cannot run on this device; the message says why."""
+
+
+# variant: (net, variant) as the table names them
+VARIANTS = {
+    "torchvision": ("torchvision alexnet", "eager, torch.optim.SGD"),
+    "reference": ("ours", "reference LRN"),
+    "fast-lrn": ("ours", "fast LRN"),
+    "fast-step": ("ours", "fast step"),
+}
+
+
+def torchvision_step(batch: int, precision: str, device: torch.device) -> Callable[[], None]:
+    """torchvision.models.alexnet trained as its users train it: eager, nn.CrossEntropyLoss,
+    torch.optim.SGD (momentum 0.9, weight decay 5e-4); bf16 = autocast + channels_last."""
+    channels_last = precision == "bf16"
+    model = torchvision.models.alexnet().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y = synthetic_batch(batch, 1000, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def ours_step(variant: str, batch: int, precision: str,
+              device: torch.device) -> tuple[Callable[[], object], AlexNet, PaperSGD]:
+    """The paper's net (1000 classes) and PaperSGD through `train.train_step`, with the flags of
+    `variant`: reference (eager, F.local_response_norm), fast-lrn (the fused LRN), fast-step
+    (fused LRN + channels_last + torch.compile: train.py's fast path)."""
+    fused = variant in ("fast-lrn", "fast-step")
+    if fused and device.type != "cuda":
+        raise Unavailable("the fused LRN is a Triton kernel, CUDA only")
+    fast = variant == "fast-step"
+    t = override(TrainConfig(), {"precision": precision, "fused_lrn": fused, "channels_last": fast, "compile": fast})
+    model = AlexNet(devices=(device,))
+    model.set_fused_lrn(t.fused_lrn)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    module = step_module(model, t)
+    x, y = synthetic_batch(batch, 1000, device)
+
+    def step():
+        return train_step(module, optimizer, x, y, n=batch, precision=t.precision, channels_last=t.channels_last)
+    return step, model, optimizer
+
+
+def model_table(results: Sequence[dict]) -> str:
+    """Markdown, one row per result ({variant, batch, precision, img_s or None, note}), with its
+    img/s ÷ torchvision's at the same batch and precision ("—" where either is missing)."""
+    base = {(r["batch"], r["precision"]): r["img_s"] for r in results
+            if r["variant"] == "torchvision" and r["img_s"]}
+    rows = []
+    for r in results:
+        net, variant = VARIANTS[r["variant"]]
+        tv = base.get((r["batch"], r["precision"]))
+        ok = r["img_s"] is not None
+        rows.append([net, variant, r["batch"], r["precision"],
+                     rate_text(r["img_s"]) if ok else f"n/a: {r['note']}",
+                     f"{1000 * r['batch'] / r['img_s']:.1f}" if ok else "—",
+                     f"{r['img_s'] / tv:.2f}×" if ok and tv else "—"])
+    return markdown(["net", "variant", "batch", "precision", "img/s", "ms/step", "vs torchvision"], rows)
+
+
+PROFILE_ROWS = ("conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5", "pool5",
+                "fc6", "fc7", "fc8", "relu", "dropout", "loss", "optimiser", "other")
+
+
+class LayerClock:
+    """Where one training step of our (eager) net spends its time, layer by layer, forward and
+    backward, and in the optimiser. Hooks drain the device and take a timestamp at every layer
+    boundary; each interval goes to the layer that starts it. In the backward pass a hook on a
+    layer's output runs just before autograd differentiates that layer, so the time to the next
+    such hook is the layer's backward. The drains cost time of their own: the shares are the
+    result, not the total. relu and dropout sum over the layers that use them."""
+
+    def __init__(self, model: AlexNet, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.device, self.marks, self.handles = device, [], []
+        layers = [(name, getattr(model, name)) for name in PROFILE_ROWS[:13]]
+        layers += [("relu", model.act), ("dropout", model.drop6), ("dropout", model.drop7)]
+        for label, module in layers:
+            after = "loss" if label == "fc8" else "other"  # what runs from a layer's end to the next layer
+            self.handles += [module.register_forward_pre_hook(self._forward_start(label)),
+                             module.register_forward_hook(self._forward_end(label, after))]
+        self.handles += [optimizer.register_step_pre_hook(lambda *a: self.mark("optimiser", "fwd")),
+                         optimizer.register_step_post_hook(lambda *a: self.mark("other", "fwd"))]
+
+    def mark(self, label: str, phase: str) -> None:
+        sync(self.device)
+        self.marks.append((time.perf_counter(), label, phase))
+
+    def _forward_start(self, label):
+        return lambda module, inputs: self.mark(label, "fwd")
+
+    def _forward_end(self, label, after):
+        def hook(module, inputs, output):
+            self.mark(after, "fwd")
+            for out in output if isinstance(output, list) else [output]:
+                if out.requires_grad:
+                    out.register_hook(lambda grad: self.mark(label, "bwd"))
+        return hook
+
+    def run(self, step: Callable[[], object], steps: int) -> dict[str, dict[str, float]]:
+        """Time `steps` steps; returns {row: {"fwd": share, "bwd": share}} (shares of the total)."""
+        totals: dict[str, dict[str, float]] = {}
+        for _ in range(steps):
+            self.marks = []
+            self.mark("other", "fwd")
+            step()
+            self.mark("end", "fwd")
+            for (t0, label, phase), (t1, _, _) in itertools.pairwise(self.marks):
+                totals.setdefault(label, {"fwd": 0.0, "bwd": 0.0})[phase] += t1 - t0
+        for h in self.handles:
+            h.remove()
+        whole = sum(v for row in totals.values() for v in row.values())
+        return {label: {k: v / whole for k, v in row.items()} for label, row in totals.items()}
+
+
+def profile_table(profiles: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one row per layer, one column per profiled setting, cells "total (fwd / bwd)" in %."""
+    def cell(name, row):
+        if row is None:
+            return "—"
+        total = f"{100 * (row['fwd'] + row['bwd']):.1f}"
+        if name in ("loss", "optimiser", "other"):  # not a layer: no forward / backward split
+            return total
+        return f"{total} ({100 * row['fwd']:.1f} / {100 * row['bwd']:.1f})"
+    rows = [[name] + [cell(name, p.get(name)) for p in profiles.values()] for name in PROFILE_ROWS]
+    return markdown(["layer", *profiles], rows)
+
+
+def bench_model(args: argparse.Namespace) -> int:
+    """Training-step throughput on one device: torchvision's alexnet as its users run it, and
+    ours with the reference LRN, with the fused LRN, and on train.py's fast path. One step =
+    forward + backward + optimiser update on a synthetic batch; img/s from the median step time."""
+    device = open_device(args.device)
+    cpu = device.type == "cpu"
+    batch_sizes = args.batch_sizes or ([16] if cpu else [128, 512])
+    steps = args.steps or (3 if cpu else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    notes = []
+    if device.type == "cuda":
+        # Every row runs under the same process-wide settings: fp32 matmuls and convolutions may
+        # use TF32 (the issue's "fp32/tf32"), and cuDNN picks its kernels by timing them (as
+        # torchvision's reference recipe and our train.py do).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        notes.append("fp32 rows: TF32 allowed for matmuls and convolutions in every row (train.py itself "
+                     "leaves torch's defaults: TF32 convolutions, fp32 matmuls); cudnn.benchmark on")
+    results, profiles, failed = [], {}, False
+    for batch, precision, variant in itertools.product(batch_sizes, args.precisions, args.variants):
+        result = {"variant": variant, "batch": batch, "precision": precision, "img_s": None, "note": ""}
+        what = f"{' / '.join(VARIANTS[variant])}, batch {batch}, {precision}"
+        try:
+            if variant == "fast-step":
+                torch.compiler.reset()  # a fresh compile per row: no shapes or guards carried over
+            if variant == "torchvision":
+                step, model = torchvision_step(batch, precision, device), None
+            else:
+                step, model, optimizer = ours_step(variant, batch, precision, device)
+            seconds = statistics.median(step_times(step, steps=steps, warmup=warmup, device=device))
+            result["img_s"] = batch / seconds
+            print(f"{what}: {1000 * seconds:.1f} ms/step, {batch / seconds:,.0f} img/s", flush=True)
+            if args.profile and variant in ("reference", "fast-lrn"):
+                clock = LayerClock(model, optimizer, device)
+                profiles[f"{VARIANTS[variant][1]}, b{batch} {precision}"] = clock.run(step, steps)
+        except Unavailable as e:
+            result["note"] = str(e)
+            print(f"{what}: n/a ({e})", flush=True)
+        except RuntimeError as e:  # out of memory, a failed compile: report it, measure the other rows
+            failed = True
+            result["note"] = f"failed: {type(e).__name__}"
+            print(f"{what}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        results.append(result)
+        step = model = optimizer = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.profile:
+        print("\nShare of a training step by layer, ours, eager, % as total (forward / backward); the "
+              "device is drained at every layer boundary, so these steps run slower than the table's:\n")
+        print(profile_table(profiles) if profiles else "(no eager variant of ours was measured)")
+    print()
+    print("\n".join(machine_lines(device) + notes + [
+        f"{steps} timed steps after {warmup} warm-up; synthetic batch, 1000 classes, 224×224 input"]))
+    print()
+    print(model_table(results))
+    return 1 if failed else 0
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if visible)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="default 128 512 on CUDA, 16 on the CPU (there a row takes ~5-20 s on 2 cores)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="rows to measure (default all); fast-lrn and fast-step need CUDA")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each layer's share of our eager net's step (conv1 ... fc8, optimiser)")
+
+
+# -------------------------------------------------------------------- train: loader and step
+
+def bench_train(args: argparse.Namespace) -> int:
+    """End-to-end training throughput on real packed JPEGs: the loader (data.train_batches)
+    feeding the training step (train.train_step), beside the step alone on one resident batch
+    (model-only) and the loader alone (the decode ceiling), at the same settings."""
+    device = open_device(args.device)
+    train_set, stats = PackedSet(args.data, "train"), load_stats(args.data)
+    config = override(RunConfig(), args.set)
+    config = override(config, {"num_classes": len(train_set.classes),
+                               "batch_size": args.batch_size or config.train.batch_size})
+    t = config.train
+    if device.type == "cuda":  # as train() does
+        torch.backends.cudnn.benchmark = not t.deterministic
+    torch.manual_seed(t.seed)
+    model = AlexNet(config.model, devices=(device,))
+    model.set_fused_lrn(t.fused_lrn)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    module = step_module(model, t)
+    workers = default_workers() if args.workers is None else args.workers
+
+    def loader() -> Iterator:  # passes over the set, as many as it takes
+        return itertools.chain.from_iterable(train_batches(
+            train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed, epoch=e, device=device,
+            workers=workers) for e in itertools.count())
+
+    def steps(batches: Iterator) -> dict:
+        """The loop's work per batch: dropout seed, train_step, a read-back every READ_EVERY steps."""
+        pending, images = [], 0
+        for i, (x, y) in enumerate(itertools.islice(batches, args.warmup + args.batches)):
+            if i == args.warmup:
+                sync(device)
+                start, images = time.perf_counter(), 0
+            torch.manual_seed(step_seed(t.seed, i))
+            pending.append(train_step(module, optimizer, x, y, n=len(y), precision=t.precision,
+                                      channels_last=t.channels_last)[0])
+            images += len(y)
+            if len(pending) == READ_EVERY:
+                torch.stack(pending).tolist()
+                pending.clear()
+        sync(device)
+        return {"images": images, "seconds": time.perf_counter() - start}
+
+    decode = time_batches(loader(), args.batches, device)  # first: it also warms the page cache
+    resident = next(loader())
+    alone = steps(itertools.repeat(resident))
+    both = steps(loader())
+    rates = {"loader only (read, decode, augment: the ceiling)": decode["images"] / decode["seconds"],
+             "model only (train_step on one resident batch)": alone["images"] / alone["seconds"],
+             "end to end (loader → train_step)": both["images"] / both["seconds"]}
+    model_only = rates["model only (train_step on one resident batch)"]
+    print("\n".join(machine_lines(device)))
+    print(f"data: {train_set}; batch {t.batch_size}, {workers} loader threads; {args.batches} timed batches "
+          f"after {args.warmup} warm-up")
+    print(f"train: precision={t.precision} channels_last={t.channels_last} compile={t.compile} "
+          f"fused_lrn={t.fused_lrn}; {config.data}")
+    print()
+    print(markdown(["measurement", "img/s", "vs model only"],
+                   [[name, rate_text(rate), f"{rate / model_only:.2f}×"] for name, rate in rates.items()]))
+    print(f"\nend to end / model only = {rates['end to end (loader → train_step)'] / model_only:.2f}")
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a packed set (the folder with manifest.json)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if visible)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the config's, 128, §5)")
+    p.add_argument("--batches", type=int, default=30, help="timed batches per measurement (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="RunConfig overrides, e.g. --set precision=bf16 channels_last=True compile=True "
+                        "fused_lrn=True")
+
+
+# --------------------------------------------------------------------------- eval: evaluation
+
+def bench_eval(args: argparse.Namespace) -> int:
+    """Evaluation throughput: `evaluate.evaluate` over a whole split (centre patch, or ten patches
+    with their softmax averaged, §4.1) with the net as training's final evaluation uses it
+    (untrained weights: speed does not depend on them), and the time for 50,000 images."""
+    device = open_device(args.device)
+    probe = PackedSet(args.data, "train")
+    split = args.split or ("val" if "val" in probe.manifest["splits"] else "train")
+    dataset, stats = PackedSet(args.data, split), load_stats(args.data)
+    config = override(override(RunConfig(), args.set), {"num_classes": len(dataset.classes)})
+    t = config.train
+    if device.type == "cuda":  # as train() does
+        torch.backends.cudnn.benchmark = not t.deterministic
+    model = AlexNet(config.model, devices=(device,))
+    model.set_fused_lrn(t.fused_lrn)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    views = 10 if args.ten_patch else 1
+    with torch.no_grad(), autocast(device, t.precision):  # warm-up: cuDNN's choice for the batch shape
+        model.eval()(torch.zeros(args.batch_size * views, 3, 224, 224, device=device))
+    sync(device)
+    start = time.perf_counter()
+    result = evaluate(model, dataset, stats, config.data, ten_patch=args.ten_patch, batch_size=args.batch_size,
+                      device=device, precision=t.precision, channels_last=t.channels_last, workers=args.workers)
+    sync(device)
+    seconds = time.perf_counter() - start
+    rate = result["images"] / seconds
+    print("\n".join(machine_lines(device)))
+    print(f"data: {split}, {len(dataset)} images; batch {args.batch_size} images; precision={t.precision} "
+          f"channels_last={t.channels_last} fused_lrn={t.fused_lrn}"
+          + ("; compile is not used by evaluation" if t.compile else ""))
+    print()
+    print(markdown(["protocol", "images", "seconds", "img/s", "patches/s", "50,000 images"],
+                   [["ten patches, softmax averaged" if args.ten_patch else "centre patch", result["images"],
+                     f"{seconds:.2f}", rate_text(rate), rate_text(rate * views), f"{50_000 / rate:,.0f} s"]]))
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a packed set (the folder with manifest.json)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if visible)")
+    p.add_argument("--split", default=None, help="split to evaluate (default val, else train)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    p.add_argument("--ten-patch", action="store_true", help="ten patches per image (§4.1), else the centre patch")
+    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="RunConfig overrides, e.g. --set precision=bf16 channels_last=True fused_lrn=True")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="loader throughput: delivered train batches, eval views",
-                          description=bench_data.__doc__ or "Loader throughput on one device.")
-    add_data_arguments(data)
-    data.set_defaults(run=bench_data)
+    for name, bench, add, summary in [
+            ("data", bench_data, add_data_arguments, "loader throughput: delivered train batches, eval views"),
+            ("model", bench_model, add_model_arguments, "training-step throughput: ours vs torchvision's alexnet"),
+            ("train", bench_train, add_train_arguments, "end-to-end training throughput vs the step alone"),
+            ("eval", bench_eval, add_eval_arguments, "evaluation throughput and the time for 50,000 images")]:
+        p = sub.add_parser(name, help=summary, description=bench.__doc__)
+        add(p)
+        p.set_defaults(run=bench)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

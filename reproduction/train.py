@@ -33,9 +33,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from reproduction import runs
-from reproduction.config import RunConfig, from_dict, override
+from reproduction.config import RunConfig, TrainConfig, from_dict, override
 from reproduction.data import PackedSet, load_stats, num_batches, train_batches
 from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
 from reproduction.evaluate import autocast, evaluate, final_metrics
@@ -44,6 +45,9 @@ from reproduction.model import AlexNet, default_devices
 from reproduction.optim import PaperSGD, fixed_schedule_lr, paper_param_groups, plateau_lr
 
 _DROPOUT = 2  # key that keeps the dropout stream apart from the data's streams (data.py uses 0, 1)
+# Steps between reads of the loss and error counts (one process): a read waits for the device,
+# so reading every step would drain a GPU's queue once a step.
+READ_EVERY = 20
 
 
 class TrainingStopped(RuntimeError):
@@ -67,10 +71,14 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 class Guard:
-    """Stops a run that cannot learn. A NaN/inf loss stops at once. A loss still at chance,
+    """Stops a run that cannot learn. A NaN/inf loss stops the run. A loss still at chance,
     ln(C), after `stuck_steps` steps stops too (a warning comes at a fifth of that): the paper's
     bias-1 initialisation sits at chance for a while before it learns (~400-600 steps on a
-    50-class subset, PAPER-SPEC §10) and in several frameworks never leaves it."""
+    50-class subset, PAPER-SPEC §10) and in several frameworks never leaves it.
+
+    The loop hands it every step's loss, in order, but only when it reads the losses back from
+    the device (every READ_EVERY steps, at an epoch's end, on Ctrl-C; every step under torchrun):
+    a run stops up to READ_EVERY − 1 steps after the step its message names."""
 
     def __init__(self, num_classes: int, stuck_steps: int, log: Callable[[str], None]) -> None:
         self.chance, self.stuck_steps, self.log = math.log(num_classes), stuck_steps, log
@@ -165,9 +173,12 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     out.mkdir(parents=True, exist_ok=True)
     if t.deterministic:  # process-wide; on CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8
         torch.use_deterministic_algorithms(True)
+    if home.type == "cuda":  # cuDNN times its kernels per shape and keeps the fastest (not bit-repeatable)
+        torch.backends.cudnn.benchmark = not t.deterministic
 
     torch.manual_seed(t.seed)  # the initial weights (§5)
     model = AlexNet(config.model, devices=devices)
+    model.set_fused_lrn(t.fused_lrn)
     if init_from is not None and not resume:
         log(load_pretrained(model, Path(init_from)))
     for name in t.freeze:  # fine-tuning: these layers keep their loaded weights
@@ -207,10 +218,7 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
                                               "compile": t.compile, "deterministic": t.deterministic},
                 "distributed": replicas.describe() | {"global_batch": t.batch_size},
                 "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_fn = replicas.wrap(model)  # `model` stays the bare net: its state_dict and evaluation
-    step_fn = torch.compile(step_fn) if t.compile else step_fn
+    step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
     if replicas.started:
         least, most = t.batch_size // replicas.world, -(-t.batch_size // replicas.world)
         log(f"{replicas.world} replicas ({replicas.describe()['backend']}): global batch {t.batch_size}, "
@@ -228,6 +236,9 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     last_epoch = t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs)
     eval_kw = dict(batch_size=t.batch_size, device=home, precision=t.precision,
                    channels_last=t.channels_last, workers=workers, replicas=replicas)
+    # Under torchrun every step: the read is also the reduction in which all ranks learn of a
+    # Ctrl-C that reached one of them, and they must stop at the same step.
+    read_every = 1 if replicas.started else READ_EVERY
     with Interrupt() as interrupt:
         while position["epoch"] < last_epoch:
             epoch = position["epoch"]
@@ -240,31 +251,18 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
             batches = train_batches(train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed,
                                     epoch=epoch, device=home, start_batch=position["batch"], workers=workers,
                                     shard=(replicas.rank, replicas.world))  # this replica's slice
+            pending: list[tuple[Tensor, Tensor, int]] = []  # steps not yet read back from the device
             for k, (x, y) in enumerate(batches, start=position["batch"]):
                 n = min(t.batch_size, len(train_set) - k * t.batch_size)  # images in the global batch
                 torch.manual_seed(step_seed(t.seed, position["step"], replicas.rank))  # dropout masks
-                if t.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(home, t.precision):
-                    logits = step_fn(x)
-                y = y.to(logits.device)
-                # §5's gradient is that of the mean loss over the batch's n images. Each replica sums
-                # its slice (an empty slice adds 0) and DDP averages over the P replicas: so ·P/n.
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") * replicas.world / n
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                errors = (logits.argmax(1) != y).sum().item()
-                # One reduction a step: the batch's mean loss (so the guard decides alike on every
-                # rank), its errors, and whether any rank was interrupted (then all stop here).
-                loss_sum, errors, stop = replicas.sum([loss.item(), errors, interrupt.requested])
-                loss_value = loss_sum / replicas.world
-                guard.check(loss_value, position["step"] + 1, lr)
-                sums["loss"] += loss_value * n
-                sums["errors"] += int(errors)
-                sums["images"] += n
+                loss, errors = train_step(step_fn, optimizer, x, y, n=n, precision=t.precision,
+                                          channels_last=t.channels_last, world=replicas.world)
+                pending.append((loss, errors, n))
                 position = {"epoch": epoch, "batch": k + 1, "step": position["step"] + 1, "sums": sums}
                 images_this_run += n
+                if not (position["step"] % read_every == 0 or k + 1 == batches_per_epoch or interrupt.requested):
+                    continue
+                stop = _read_back(pending, sums, guard, replicas, position["step"], lr, interrupt.requested)
                 now = time.time()
                 if now - last_print >= 10 or k + 1 == batches_per_epoch:
                     rate = images_this_run / (now - start)
@@ -307,6 +305,56 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
         f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
         f"top-5 {final['ten_patch']['top5_error']:.4f} -> {out / 'final.json'}")
     return final
+
+
+def step_module(model: AlexNet, t: TrainConfig, replicas: Distributed | None = None) -> nn.Module:
+    """What `train_step` calls: the net in channels_last, wrapped by DDP and compiled, as `t`
+    asks (opt-in speed flags; `model` itself is changed only in its memory format)."""
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    module = (replicas or Distributed()).wrap(model)
+    return torch.compile(module) if t.compile else module
+
+
+def train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               *, n: int, precision: str = "fp32", channels_last: bool = False,
+               world: int = 1) -> tuple[Tensor, Tensor]:
+    """One step of §5's SGD on the batch (x, y): forward, backward, update. Returns the loss
+    and the number of top-1 errors as device tensors, without waiting for the device.
+
+    §5's gradient is that of the mean loss over the global batch's n images. Each of the
+    `world` replicas sums its slice (an empty slice adds 0) and DDP averages over the
+    replicas: so ·world/n, and the returned loss is the batch's mean loss ·world."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, precision):
+        logits = model(x)
+    y = y.to(logits.device)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum") * world / n
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) != y).sum()
+
+
+def _read_back(pending: list[tuple[Tensor, Tensor, int]], sums: dict, guard: Guard, replicas: Distributed,
+               step: int, lr: float, interrupted: bool) -> bool:
+    """Read the pending steps' losses and error counts back (one wait for the device), sum them
+    over the replicas with the interrupt flags (one reduction), check each step's mean loss in
+    order, and add them to `sums` step by step (so sums do not depend on when reads happen).
+    Returns whether any rank was interrupted. `step` is the last pending step's number."""
+    losses = torch.stack([loss for loss, _, _ in pending]).tolist()
+    errors = torch.stack([e for _, e, _ in pending]).tolist()
+    *totals, stop = replicas.sum([*losses, *errors, interrupted])
+    first = step - len(pending) + 1
+    for i, (_, _, n) in enumerate(pending):
+        loss_value = totals[i] / replicas.world  # the batch's mean loss, alike on every rank
+        guard.check(loss_value, first + i, lr)
+        sums["loss"] += loss_value * n
+        sums["errors"] += int(totals[len(pending) + i])
+        sums["images"] += n
+    pending.clear()
+    return bool(stop)
 
 
 def load_pretrained(model: AlexNet, path: Path) -> str:

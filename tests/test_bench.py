@@ -1,0 +1,138 @@
+"""Benchmarks (reproduction/bench.py) on tiny CPU settings, and the training step they time
+(train.train_step, and the loop's deferred read-back of its loss)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from packing import colour_set
+from reproduction.bench import main, model_table, profile_table
+from reproduction.config import AlexNetConfig
+from reproduction.distributed import Distributed
+from reproduction.model import AlexNet
+from reproduction.optim import PaperSGD, paper_param_groups
+from reproduction.train import Guard, TrainingStopped, _read_back, train_step
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    return colour_set(tmp_path_factory.mktemp("tiny"), train=8, val=4, seed=0)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of the last Markdown table in `text`, header first, the |---| line dropped."""
+    lines = text.splitlines()
+    end = start = max(i for i, line in enumerate(lines) if line.startswith("|")) + 1
+    while start > 0 and lines[start - 1].startswith("|"):
+        start -= 1
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end] if "---" not in line]
+
+
+def test_model_table_divides_by_torchvision_at_the_same_batch_and_precision():
+    results = [
+        {"variant": "torchvision", "batch": 128, "precision": "fp32", "img_s": 1000.0, "note": ""},
+        {"variant": "reference", "batch": 128, "precision": "fp32", "img_s": 1500.0, "note": ""},
+        {"variant": "torchvision", "batch": 128, "precision": "bf16", "img_s": 4000.0, "note": ""},
+        {"variant": "fast-step", "batch": 128, "precision": "bf16", "img_s": 5000.0, "note": ""},
+        {"variant": "fast-lrn", "batch": 128, "precision": "bf16", "img_s": None, "note": "CUDA only"},
+        {"variant": "reference", "batch": 512, "precision": "fp32", "img_s": 2048.0, "note": ""},  # no torchvision row
+    ]
+    header, *rows = table_rows(model_table(results))
+    assert header == ["net", "variant", "batch", "precision", "img/s", "ms/step", "vs torchvision"]
+    assert [r[6] for r in rows] == ["1.00×", "1.50×", "1.00×", "1.25×", "—", "—"]
+    assert rows[1][:5] == ["ours", "reference LRN", "128", "fp32", "1,500"]
+    assert rows[1][5] == "85.3"  # 1000 · 128 / 1500 ms
+    assert rows[4][4] == "n/a: CUDA only"
+
+
+def test_profile_table_shows_total_and_split_per_layer():
+    share = {"conv1": {"fwd": 0.1, "bwd": 0.2}, "optimiser": {"fwd": 0.7, "bwd": 0.0}}
+    header, *rows = table_rows(profile_table({"b2 fp32": share}))
+    assert header == ["layer", "b2 fp32"]
+    cells = dict(rows)
+    assert cells["conv1"] == "30.0 (10.0 / 20.0)" and cells["optimiser"] == "70.0" and cells["lrn1"] == "—"
+
+
+def test_bench_model_on_the_cpu(capsys):
+    assert main(["model", "--device", "cpu", "--batch-sizes", "2", "--precisions", "fp32", "--steps", "1",
+                 "--warmup", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = table_rows(out)
+    assert header[-1] == "vs torchvision"
+    assert [(r[0], r[1]) for r in rows] == [("torchvision alexnet", "eager, torch.optim.SGD"),
+                                            ("ours", "reference LRN"), ("ours", "fast LRN"), ("ours", "fast step")]
+    assert rows[0][6] == "1.00×" and rows[1][6].endswith("×") and float(rows[1][4].replace(",", "")) > 0
+    assert rows[2][4].startswith("n/a: the fused LRN") and rows[3][6] == "—"  # no Triton on the CPU
+    profile = out[out.index("Share of a training step"):]
+    for layer in ("| conv1 |", "| lrn1 |", "| fc8 |", "| optimiser |"):
+        assert layer in profile
+    assert "torch " + torch.__version__ in out and "date: " in out
+
+
+def test_bench_train_on_a_tiny_set(tiny_set, capsys):
+    assert main(["train", "--data", str(tiny_set), "--device", "cpu", "--batch-size", "4", "--batches", "1",
+                 "--warmup", "1", "--workers", "0", "--set", "dropout=0.25"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = table_rows(out)
+    assert header == ["measurement", "img/s", "vs model only"]
+    assert [r[0].split(" (")[0] for r in rows] == ["loader only", "model only", "end to end"]
+    assert rows[1][2] == "1.00×"
+    ratio = float(rows[2][1].replace(",", "")) / float(rows[1][1].replace(",", ""))
+    assert float(out.split("end to end / model only = ")[1].split()[0]) == pytest.approx(ratio, rel=0.02)
+
+
+@pytest.mark.parametrize("ten_patch", [False, True])
+def test_bench_eval_on_a_tiny_set(tiny_set, capsys, ten_patch):
+    assert main(["eval", "--data", str(tiny_set), "--device", "cpu", "--batch-size", "4", "--workers", "0",
+                 *(["--ten-patch"] if ten_patch else [])]) == 0
+    header, row = table_rows(capsys.readouterr().out)
+    assert header == ["protocol", "images", "seconds", "img/s", "patches/s", "50,000 images"]
+    assert row[0].startswith("ten patches" if ten_patch else "centre") and row[1] == "4"
+    rate, patches = float(row[3].replace(",", "")), float(row[4].replace(",", ""))
+    assert patches == pytest.approx(rate * (10 if ten_patch else 1), rel=0.01, abs=1)
+    assert row[5].endswith(" s")
+
+
+def test_train_step_is_the_hand_written_paper_step():
+    """Two steps of train_step against forward, mean cross-entropy, backward and PaperSGD written
+    out: the same parameters, velocities, loss and error count."""
+    config = AlexNetConfig(num_classes=4)
+    torch.manual_seed(0)
+    ours, hand = AlexNet(config), AlexNet(config)
+    hand.load_state_dict(ours.state_dict())
+    opt_ours = PaperSGD(paper_param_groups(ours), lr=0.01, momentum=0.9)
+    opt_hand = PaperSGD(paper_param_groups(hand), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x, y = torch.randn(3, 3, 224, 224, generator=g) * 50, torch.randint(0, 4, (3,), generator=g)
+        torch.manual_seed(10 + step)  # the same dropout masks
+        loss, errors = train_step(ours, opt_ours, x, y, n=3)
+        torch.manual_seed(10 + step)
+        logits = hand(x)
+        expected = F.cross_entropy(logits, y)  # §5: the mean over the batch
+        opt_hand.zero_grad()
+        expected.backward()
+        opt_hand.step()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=0)
+        assert int(errors) == int((logits.argmax(1) != y).sum())
+    for (name, p), q in zip(ours.named_parameters(), hand.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=name)
+        torch.testing.assert_close(opt_ours.state[p]["velocity"], opt_hand.state[q]["velocity"],
+                                   rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_read_back_checks_every_pending_step_in_order():
+    """The loop reads losses back every READ_EVERY steps: the guard still sees each step, and
+    names the step whose loss went bad, not the step at which it was read."""
+    guard = Guard(4, stuck_steps=1000, log=lambda s: None)
+    sums = {"loss": 0.0, "errors": 0, "images": 0, "seconds": 0.0}
+    pending = [(torch.tensor(1.5), torch.tensor(2), 4), (torch.tensor(0.5), torch.tensor(1), 3)]
+    assert _read_back(pending, sums, guard, Distributed(), step=7, lr=0.01, interrupted=False) is False
+    assert sums == {"loss": 1.5 * 4 + 0.5 * 3, "errors": 3, "images": 7, "seconds": 0.0} and pending == []
+    pending = [(torch.tensor(v), torch.tensor(0), 4) for v in (1.0, float("nan"), 1.0)]
+    with pytest.raises(TrainingStopped, match="loss became nan at step 9"):
+        _read_back(pending, sums, guard, Distributed(), step=10, lr=0.01, interrupted=False)
