@@ -123,7 +123,7 @@ def ablation_table(groups: dict) -> list[str]:
     """Each ablation minus `paper` on the same data and recipe (centre patch), ± the two groups'
     seed-to-seed sd combined as √(sd_a² + sd_p²)."""
     lines = ["| data | ablation | seeds | Δ top-1 (ours) | Δ top-5 (ours) | Δ top-1 (paper) | Δ top-5 (paper) "
-             "| beyond the seed spread? |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| beyond the seed spread? | same direction as the paper? |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for (dataset, experiment, changes), runs in groups.items():
         base = groups.get((dataset, "paper", changes))
         if experiment == "paper" or base is None:
@@ -137,9 +137,11 @@ def ablation_table(groups: dict) -> list[str]:
         spread = deltas[0][1]
         verdict = "n < 2 seeds" if spread != spread else ("yes" if abs(deltas[0][0]) > 2 * spread else "no")
         show = lambda v: "—" if v is None else (f"+{v}" if isinstance(v, float) else v)
+        # The paper reports every effect as added error (> 0); "> 1" counts as positive too.
+        direction = "—" if p1 is None else ("yes" if deltas[0][0] > 0 else "no")
         lines.append(f"| {dataset} | {experiment} ({section}) | {len(runs)} vs {len(base)} | "
                      f"{deltas[0][0]:+.2f} ± {deltas[0][1]:.2f} | {deltas[1][0]:+.2f} ± {deltas[1][1]:.2f} | "
-                     f"{show(p1)} | {show(p5)} | {verdict} |")
+                     f"{show(p1)} | {show(p5)} | {verdict} | {direction} |")
     if len(lines) == 2:
         return ["No ablation has been run beside a `paper` run of the same data and recipe yet."]
     return lines
@@ -342,13 +344,19 @@ def filter_sections(results: Path) -> list[str]:
              "Colour specificity = the share of a kernel's energy off the grey axis (0: grey, 1: pure "
              "colour contrast; random weights ≈ 0.67). The paper saw tower A (GPU 1) learn largely "
              "colour-agnostic kernels and tower B (GPU 2) largely colour-specific ones (§6.1).", "",
-             "| picture | checkpoint | epochs | tower A (mean ± sd, n) | tower B | command |",
-             "|---|---|---:|---:|---:|---|"]
+             "| picture | checkpoint | epochs | tower A (mean ± sd, n) | tower B | B − A | command |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for path, d in found:
-        towers = [f"{t['mean']:.3f} ± {t['sd']:.3f} ({t['n']})" for t in d["per_tower"]] + ["—"]
+        parts = d["per_tower"]
+        towers = [f"{t['mean']:.3f} ± {t['sd']:.3f} ({t['n']})" for t in parts] + ["—"]
+        gap = "—"
+        if len(parts) == 2:  # the paper's pattern is B well above A; compare with the towers' spread
+            diff = parts[1]["mean"] - parts[0]["mean"]
+            se = (parts[0]["sd"] ** 2 / parts[0]["n"] + parts[1]["sd"] ** 2 / parts[1]["n"]) ** 0.5
+            gap = f"{diff:+.3f} ({'beyond' if abs(diff) > 2 * se else 'within'} 2 s.e.)"
         image = path.with_suffix(".png").relative_to(results).as_posix()
         lines.append(f"| ![]({image}) | `{d['checkpoint']}` | {d.get('epochs_trained')} | {towers[0]} | "
-                     f"{towers[1]} | `python -m reproduction.visualize filters --checkpoint {d['checkpoint']} "
+                     f"{towers[1]} | {gap} | `python -m reproduction.visualize filters --checkpoint {d['checkpoint']} "
                      f"--out {d['image']}` |")
     return lines
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reproduction import cifar, experiments
+from reproduction import cifar, experiments, report
 from reproduction.cifar import LocallyConnected, ResponseNorm, cifar_net, epochs_to, error_curve
 from reproduction.config import CifarConfig, override
 from reproduction.experiments import CIFAR_EXPERIMENTS, CONV_LOCAL_11PCT, CONV_LOCAL_13PCT, FIG1
@@ -148,6 +148,8 @@ def test_training_learns_and_stops_at_the_threshold(shared_data):
 
 @pytest.mark.parametrize("experiment", ["cifar-relu-tanh", "cifar-lrn"])
 def test_experiment_commands_end_to_end(experiment, shared_data, tmp_path, capsys):
+    results = tmp_path
+    tmp_path = results / "cifar10" / experiment.removeprefix("cifar-")  # where the report looks
     args = [experiment, "--data", str(shared_data / "cifar10"), "--out", str(tmp_path), "--per-class", "10",
             "--seeds", "0", "1", "--set", "epochs=1", "batch_size=50"]
     if experiment == "cifar-relu-tanh":
@@ -170,6 +172,13 @@ def test_experiment_commands_end_to_end(experiment, shared_data, tmp_path, capsy
     assert experiments.main(args) == 0  # a rerun reuses every finished run folder
     out = capsys.readouterr().out
     assert "finished already, reused" in out and "epoch 1/1" not in out
+    text = report.write_report(results).read_text()
+    if experiment == "cifar-relu-tanh":
+        assert "## §3.1, Fig. 1 on CIFAR-10" in text and "(cifar10/relu-tanh/fig1.png)" in text
+        assert "| tanh | 0.003 |" in text or "| tanh | 0.01 |" in text  # the swept ε it chose
+    else:
+        assert "## §3.3 on CIFAR-10" in text and "no_norm − norm" in text
+        assert "(cifar10/lrn/runs/norm/seed1)" in text
 
 
 def test_experiment_command_explains_missing_data(tmp_path, capsys):

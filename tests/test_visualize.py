@@ -221,3 +221,17 @@ def test_a_training_image_is_its_own_nearest_neighbour(two_tower, tiny_set, tmp_
     code = main(["neighbours", "--checkpoint", str(checkpoint), "--data", str(tiny_set), "--out", str(out),
                  "--queries", "2", "--k", "9", "--device", "cpu"])
     assert code == 2 and "--k must be in [1, 8]" in capsys.readouterr().err
+
+
+def test_report_shows_each_filter_picture_with_its_tower_scores(tmp_path):
+    from reproduction import report
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "fig3.png").write_bytes(b"")
+    per_tower = [{"tower": "A", "mean": 0.2, "sd": 0.05, "n": 48}, {"tower": "B", "mean": 0.7, "sd": 0.05, "n": 48}]
+    (tmp_path / "runs" / "fig3.json").write_text(json.dumps(
+        {"checkpoint": "runs/x/checkpoint.pt", "epochs_trained": 9, "towers": 2, "kernel_shape": [3, 11, 11],
+         "image": "results/runs/fig3.png", "per_tower": per_tower, "scores": []}))
+    lines = "\n".join(report.filter_sections(tmp_path))
+    assert "![](runs/fig3.png)" in lines and "0.200 ± 0.050 (48)" in lines and "0.700 ± 0.050 (48)" in lines
+    assert "+0.500 (beyond 2 s.e.)" in lines
+    assert report.filter_sections(tmp_path / "runs" / "missing") == []
