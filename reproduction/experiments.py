@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override CifarConfig fields in every variant, e.g. epochs=10")
     parser.add_argument("--per-class", type=int, default=None,
                         help="use only the first N images of each class of each split (quick runs, tests)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03],
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1],
                         help="cifar-relu-tanh: the learning rates ε swept per activation")
     parser.add_argument("--sweep-epochs", type=int, default=2, help="cifar-relu-tanh: epochs per sweep run")
     args = parser.parse_args(argv)
