@@ -31,7 +31,7 @@ import math
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -237,7 +237,7 @@ def _first_per_class(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, 
 
 
 def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch: int, *,
-            train: bool) -> list[tuple[Tensor, Tensor]]:
+            train: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of float batches: mean image subtracted (0-255 scale, as cuda-convnet's CIFAR
     provider); with crop=24 a random crop (train) or the centre crop (test) of image and mean,
     and with flip a random mirror while training. Every draw is keyed by (seed, epoch)."""
@@ -253,8 +253,12 @@ def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch:
         offsets = torch.full((n, 2), border // 2)
     flips = torch.rand(n, generator=g) < 0.5 if (train and c.flip) else torch.zeros(n, dtype=torch.bool)
     centre = mean[:, border // 2:border // 2 + c.crop, border // 2:border // 2 + c.crop]
-    out = []
-    for start in range(0, n, c.batch_size):
+    return _views(images, labels, centre, order, offsets, flips, c)
+
+
+def _views(images, labels, centre, order, offsets, flips, c) -> Iterator[tuple[Tensor, Tensor]]:
+    border = 32 - c.crop  # all random draws are made before the first batch: batches are a pure function of them
+    for start in range(0, len(labels), c.batch_size):
         idx = order[start:start + c.batch_size]
         x = images[idx].float()
         if border:
@@ -266,8 +270,7 @@ def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch:
         flip = flips[idx]
         if flip.any():
             x[flip] = x[flip].flip(-1)
-        out.append((x.contiguous(memory_format=torch.channels_last), labels[idx]))
-    return out
+        yield x.contiguous(memory_format=torch.channels_last), labels[idx]
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -295,7 +298,8 @@ def train_cifar(c: CifarConfig, data: dict, *, log: Callable[[str], None] = prin
         start = time.perf_counter()
         net.train()
         work = batches(train_x, train_y, mean, c, epoch, train=True)
-        bounds = [round(len(work) * (i + 1) / PARTS) for i in range(PARTS)]
+        steps = -(-len(train_y) // c.batch_size)
+        bounds = [round(steps * (i + 1) / PARTS) for i in range(PARTS)]
         errors, losses, seen, parts = 0, 0.0, 0, []
         part_errors = part_seen = 0
         finite = True

@@ -105,9 +105,9 @@ def test_batches_crop_flip_and_mean_are_keyed_by_seed_and_epoch():
     labels = torch.arange(10)
     mean = images.float().mean(0)
     c = dataclasses.replace(CONV_LOCAL_11PCT, batch_size=4)
-    a = cifar.batches(images, labels, mean, c, 0, train=True)
-    b = cifar.batches(images, labels, mean, c, 0, train=True)
-    other = cifar.batches(images, labels, mean, c, 1, train=True)
+    a = list(cifar.batches(images, labels, mean, c, 0, train=True))
+    b = list(cifar.batches(images, labels, mean, c, 0, train=True))
+    other = list(cifar.batches(images, labels, mean, c, 1, train=True))
     assert [x.shape for x, _ in a] == [(4, 3, 24, 24)] * 2 + [(2, 3, 24, 24)]
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
     assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, other))
@@ -118,7 +118,7 @@ def test_batches_crop_flip_and_mean_are_keyed_by_seed_and_epoch():
     found = [(r, s, f) for r in range(9) for s in range(9) for f in (False, True)
              if torch.allclose(x, (lambda v: v.flip(-1) if f else v)(images[y, :, r:r + 24, s:s + 24].float() - centre))]
     assert found
-    test = cifar.batches(images, labels, mean, c, 0, train=False)[0][0]
+    test = next(cifar.batches(images, labels, mean, c, 0, train=False))[0]
     torch.testing.assert_close(test, images[:4, :, 4:28, 4:28].float() - centre)
 
 
