@@ -309,7 +309,7 @@ def cifar_sections(results: Path) -> list[str]:
         if d:
             m, sd = 100 * d["mean"], 100 * d["sd"]
             if abs(m) <= 2 * sd:
-                verdict = "Within twice its seed-to-seed sd: no effect of normalisation shows at this scale."
+                verdict = "Within twice its seed-to-seed sd: at this scale the effect is not clearly apart from seed noise."
             elif m > 0:
                 verdict = ("Beyond twice its seed-to-seed sd: normalisation lowers the error, as the paper says "
                            f"({'more' if m > 2 else 'less'} than its 2 points).")
