@@ -241,7 +241,7 @@ def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch:
     """One epoch of float batches: mean image subtracted (0-255 scale, as cuda-convnet's CIFAR
     provider); with crop=24 a random crop (train) or the centre crop (test) of image and mean,
     and with flip a random mirror while training. Every draw is keyed by (seed, epoch)."""
-    # DEVIATION(cuda-convnet): it visits its five fixed 10,000-image batch files in order; we
+    # DEVIATION(§3.1, §3.3): cuda-convnet visits its five fixed 10,000-image batch files in order; we
     # shuffle the whole training set each epoch (keyed by the seed), as §5's SGD assumes.
     g = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
     n = len(labels)

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/cifar10",
                         help="folder with CIFAR-10's train.tar.gz and test.tar.gz (default: ../shared/data/cifar10)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where the runs, summary.json, README.md and figure go "
+                        help="where the run folders, summary.json and (cifar-relu-tanh) fig1.png go "
                              "(default: results/cifar10/<experiment>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (default: 0 1 2)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
