@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reproduction.experiments",
         description="Run one of the paper's CIFAR-10 experiments end to end: read CIFAR-10, train "
-                    "every variant and seed into run folders, write a summary, a table and (Fig. 1) "
-                    "the figure under --out. Finished runs are reused, so rerunning after an "
+                    "every variant and seed into run folders, write summary.json and (Fig. 1) the "
+                    "figure under --out; python -m reproduction.report puts them in results/README.md "
+                    "beside the paper's numbers. Finished runs are reused, so rerunning after an "
                     "interruption continues. The ILSVRC ablations run with python -m reproduction.train.")
     parser.add_argument("experiment", choices=sorted(CIFAR_EXPERIMENTS),
                         help="cifar-relu-tanh: §3.1 Fig. 1 (epochs to 25%% training error, ReLU vs tanh); "
