@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from reproduction.config import CifarConfig
 from reproduction.optim import PaperSGD, fixed_schedule_lr
+from reproduction.report import mean_sd
 from reproduction.runs import append_metrics, environment, git_state, read_json, read_metrics, write_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -407,11 +408,6 @@ def sweep_score(rows: Sequence[dict]) -> tuple:
         return (2, math.inf)
     reached = epochs_to(error_curve(rows), 0.25)
     return (0, reached) if reached is not None else (1, rows[-1]["train_error"])
-
-
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    v = np.asarray(values, float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def relu_tanh(configs: dict[str, CifarConfig], data: dict, out: Path, *, seeds: Sequence[int],

@@ -240,9 +240,8 @@ def write_report(results: Path) -> Path:
 
 # --- the CIFAR-10 experiments (python -m reproduction.experiments) and Fig. 3 ------------------
 
-def _pm(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
-    m, sd = mean_sd([scale * v for v in values])
-    return fmt(m, sd) if digits == 2 else (f"{m:.{digits}f}" if sd != sd else f"{m:.{digits}f} ± {sd:.{digits}f}")
+def _pm(values: Sequence[float]) -> str:
+    return fmt(*mean_sd(values))
 
 
 def cifar_sections(results: Path) -> list[str]:
@@ -308,7 +307,9 @@ def cifar_sections(results: Path) -> list[str]:
         d = s.get("difference")
         if d:
             m, sd = 100 * d["mean"], 100 * d["sd"]
-            if abs(m) <= 2 * sd:
+            if sd != sd:  # one seed: no spread to weigh the difference against
+                verdict = "One seed only: no seed-to-seed spread to weigh it against."
+            elif abs(m) <= 2 * sd:
                 verdict = "Within twice its seed-to-seed sd: at this scale the effect is not clearly apart from seed noise."
             elif m > 0:
                 verdict = ("Beyond twice its seed-to-seed sd: normalisation lowers the error, as the paper says "
