@@ -2,6 +2,7 @@
 
 Examples (see data_prep/README.md for the format and the expected output):
   python -m data_prep ilsvrc2012 /data/ilsvrc2012 --out data/ilsvrc2012
+  python -m data_prep ilsvrc2010 /data/ilsvrc2010 --out data/ilsvrc2010
   python -m data_prep cifar10 ../shared/data/cifar10 --out data/cifar10
   python -m data_prep tiny-imagenet ../shared/data/tiny-imagenet-200 --out data/tiny-imagenet
   python -m data_prep fashion-mnist ../shared/data/fashion-mnist --out data/fashion-mnist
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ilsvrc2012": "folder with ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and "
                       "ILSVRC2012_devkit_t12.tar.gz (read as streams, never extracted), or an "
                       "extracted train/<wnid>/*.JPEG + val/<wnid>/*.JPEG tree",
+        "ilsvrc2010": "folder with ILSVRC2010_images_train.tar, ILSVRC2010_images_val.tar, "
+                      "ILSVRC2010_images_test.tar, ILSVRC2010_devkit-1.0.tar.gz and "
+                      "ILSVRC2010_test_ground_truth.txt (read as streams, never extracted); "
+                      "splits train, val and test (labelled: Table 1's test set)",
         "tiny-imagenet": "tiny-imagenet-200.zip, its extracted folder, or a folder of "
                          "train-NN.tar.gz + val.tar.gz shards with wnids.txt (shared/data layout)",
         "cifar10": "folder with train.tar.gz + test.tar.gz (<class>/<name>.jpg), or torchvision's "
@@ -94,6 +99,8 @@ def make_source(args: argparse.Namespace) -> sources.Source:
         raise sources.SourceError(f"{path}: no such file or folder")
     if args.source == "ilsvrc2012":
         return sources.ilsvrc2012(path)
+    if args.source == "ilsvrc2010":
+        return sources.ilsvrc2010(path)
     if args.source == "tiny-imagenet":
         return sources.tiny_imagenet(path)
     if args.source == "cifar10":
@@ -137,6 +144,7 @@ def print_summary(manifest: dict, out: Path) -> None:
     st = manifest["stats"]
     print(f"  stats ({st['source']}): channel mean {st['channel_mean_rgb']}, sqrt eigval {st['sqrt_eigval']}")
     # Expected for the full ILSVRC-2012 archives: train 1,281,167 images, val 50,000, match.
+    # ILSVRC-2010: train 1,261,406, val 50,000, test 150,000, match.
 
 
 if __name__ == "__main__":

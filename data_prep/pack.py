@@ -391,7 +391,8 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
     converted = [c for ms in markers.values() for m in ms for c in m["converted"]]
     manifest = {
         "format": FORMAT, "dataset": source.dataset,
-        "classes": [{"index": c.index, "id": c.id, "name": c.name} for c in classes],
+        "classes": [{"index": c.index, "id": c.id, "name": c.name,
+                     **({"ilsvrc_id": c.ilsvrc_id} if c.ilsvrc_id is not None else {})} for c in classes],
         "image_size": source.native_size or image.PAPER_SIZE,
         "jpeg_quality": opts.quality,
         "geometry": _geometry(source, opts),

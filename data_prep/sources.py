@@ -3,12 +3,13 @@
 A record's `read()` returns the file's bytes (or a uint8 pixel array for torchvision sets) and
 must be called before the next record is pulled: archives are read as streams, never extracted.
 Splits are "train" and "val"; a set's official test split is stored as "val" (CIFAR-10,
-Fashion-MNIST), which `Source.split_origin` records.
+Fashion-MNIST), which `Source.split_origin` records. ILSVRC-2010 has a labelled "test" as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import inspect
 import io
 import pickle
@@ -36,6 +37,7 @@ class ClassInfo:
     index: int
     id: str      # wnid or class name
     name: str    # human-readable
+    ilsvrc_id: int | None = None  # the challenge's own 1-based ILSVRC20xx_ID (its submission format)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,11 @@ def _skip(split: str, name: str, reason: str) -> Record:
     return Record(split, name, -1, _no_read, skip=reason)
 
 
-def _classes(ids: list[str], names: dict[str, str] | None = None) -> list[ClassInfo]:
+def _classes(ids: list[str], names: dict[str, str] | None = None,
+             ilsvrc_ids: dict[str, int] | None = None) -> list[ClassInfo]:
     """Class index = position of the id in sorted order (torchvision's and Caffe's convention)."""
-    names = names or {}
-    return [ClassInfo(i, c, names.get(c, c)) for i, c in enumerate(sorted(ids))]
+    names, ilsvrc_ids = names or {}, ilsvrc_ids or {}
+    return [ClassInfo(i, c, names.get(c, c), ilsvrc_ids.get(c)) for i, c in enumerate(sorted(ids))]
 
 
 def _member(tar: tarfile.TarFile, suffix: str) -> bytes:
@@ -151,22 +154,10 @@ def ilsvrc2012(root: Path) -> Source:
 
 def _ilsvrc_archives(train_tar: Path, val_tar: Path, devkit: Path) -> Source:
     leaves, val_ids = read_devkit(devkit)
-    classes = _classes([w for w, _ in leaves.values()], {w: n for w, n in leaves.values()})
+    classes = _classes([w for w, _ in leaves.values()], {w: n for w, n in leaves.values()},
+                       {w: sid for sid, (w, _) in leaves.items()})
     index = {c.id: c.index for c in classes}
     id_to_index = {sid: index[w] for sid, (w, _) in leaves.items()}
-
-    def train() -> Iterator[Record]:
-        # The official tar is uncompressed, so member headers are read by seeking: an inner tar
-        # that is not needed (resume, --classes) costs no reading of its images.
-        with tarfile.open(train_tar, "r:*") as outer:
-            for m in sorted(outer.getmembers(), key=lambda m: m.name):
-                wnid = Path(m.name).name.removesuffix(".tar")
-                if not m.isfile():
-                    continue
-                if wnid not in index or not m.name.endswith(".tar"):
-                    yield _skip("train", m.name, "not a <wnid>.tar of a 1000-class wnid")
-                    continue
-                yield from _inner_tar(outer, m, wnid, index[wnid])
 
     def val() -> Iterator[Record]:
         with tarfile.open(val_tar, "r:*") as tar:
@@ -175,8 +166,27 @@ def _ilsvrc_archives(train_tar: Path, val_tar: Path, devkit: Path) -> Source:
                     continue
                 yield _val_record(m.name, lambda m=m: tar.extractfile(m).read(), val_ids, id_to_index)
 
-    return Source("ilsvrc2012", classes, lambda s: train() if s == "train" else val(), None,
+    return Source("ilsvrc2012", classes,
+                  lambda s: _train_tar_records(train_tar, index) if s == "train" else val(), None,
                   dict(ILSVRC2012_COUNTS), [train_tar, val_tar, devkit])
+
+
+def _train_tar_records(train_tar: Path, index: dict[str, int],
+                       read: Callable[[Callable[[], bytes]], Callable[[], bytes]] | None = None
+                       ) -> Iterator[Record]:
+    """The official train tar: one inner <wnid>.tar per class, in wnid order (2010 and 2012)."""
+    # The official tar is uncompressed, so member headers are read by seeking: an inner tar
+    # that is not needed (resume, --classes) costs no reading of its images.
+    with tarfile.open(train_tar, "r:*") as outer:
+        for m in sorted(outer.getmembers(), key=lambda m: m.name):
+            wnid = Path(m.name).name.removesuffix(".tar")
+            if not m.isfile():
+                continue
+            if wnid not in index or not m.name.endswith(".tar"):
+                yield _skip("train", m.name, "not a <wnid>.tar of a 1000-class wnid")
+                continue
+            for r in _inner_tar(outer, m, wnid, index[wnid]):
+                yield r if read is None or r.skip else dataclasses.replace(r, read=read(r.read))
 
 
 def _ilsvrc_tree(root: Path, devkit: Path) -> Source:
@@ -186,6 +196,8 @@ def _ilsvrc_tree(root: Path, devkit: Path) -> Source:
     src = imagefolder(root, dataset="ilsvrc2012", names={w: n for w, n in leaves.values()})
     src.expected_counts = dict(ILSVRC2012_COUNTS)
     src.files = [devkit] if devkit.is_file() else []
+    ids = {w: sid for sid, (w, _) in leaves.items()}
+    src.classes = [dataclasses.replace(c, ilsvrc_id=ids.get(c.id)) for c in src.classes]
     val = root / "val"
     if not (val_ids and val.is_dir() and any(val.glob("ILSVRC2012_val_*.JPEG"))):
         return src
@@ -227,6 +239,106 @@ def _val_record(name: str, read: Callable[[], bytes], val_ids: list[int],
     if not 1 <= n <= len(val_ids) or val_ids[n - 1] not in id_to_index:
         return _skip("val", name, "no ground-truth class in the devkit")
     return Record("val", name, id_to_index[val_ids[n - 1]], read)
+
+
+# ---------------------------------------------------------------- ILSVRC-2010 -----------------
+# Table 1's data set. Its class set differs from 2012's, so the classes come from its own
+# meta.mat; the labelled test set (Table 1 reports on it) is the split "test".
+
+ILSVRC2010_COUNTS = {"train": 1_261_406, "val": 50_000, "test": 150_000}
+ILSVRC2010_FILES = {"train": "ILSVRC2010_images_train.tar", "val": "ILSVRC2010_images_val.tar",
+                    "test": "ILSVRC2010_images_test.tar", "devkit": "ILSVRC2010_devkit-1.0.tar.gz",
+                    "test_truth": "ILSVRC2010_test_ground_truth.txt"}
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_devkit_2010(path: Path) -> tuple[dict[int, tuple[str, str]], list[int]]:
+    """ILSVRC2010_devkit-1.0.tar.gz → ({ILSVRC2010_ID: (wnid, words)} for the leaf synsets, val ids).
+
+    Leaves are the synsets with num_children == 0 (the challenge's classes; the others are inner
+    WordNet nodes). Their ids are kept as the devkit gives them: the class index comes from the
+    sorted wnids, never from id − 1.
+    """
+    import scipy.io
+    with tarfile.open(path, "r:*") as tar:
+        meta = _member(tar, "data/meta.mat")
+        truth = _member(tar, "data/ILSVRC2010_validation_ground_truth.txt")
+    mat = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True, struct_as_record=False)
+    leaves = {}
+    for s in np.atleast_1d(mat["synsets"]):
+        if int(s.num_children) == 0:
+            leaves[int(s.ILSVRC2010_ID)] = (str(s.WNID), str(s.words))
+    return leaves, [int(line) for line in truth.decode().split()]
+
+
+def gunzip_if_wrapped(read: Callable[[], bytes]) -> Callable[[], bytes]:
+    """The 2010 tars hold JPEGs stored gzip-compressed under a .JPEG name: undo the gzip layer
+    (bytes that fail to gunzip are passed on as they are, and the decoder reports them)."""
+    def wrapped() -> bytes:
+        data = read()
+        if data[:2] == GZIP_MAGIC:
+            try:
+                return gzip.decompress(data)
+            except (OSError, EOFError):
+                return data
+        return data
+    return wrapped
+
+
+def ilsvrc2010(root: Path) -> Source:
+    """The official ILSVRC-2010 downloads in `root` (read as streams, never extracted)."""
+    paths = {k: root / v for k, v in ILSVRC2010_FILES.items()}
+    missing = [v for k, v in ILSVRC2010_FILES.items() if k != "test_truth" and not paths[k].is_file()]
+    if missing:
+        raise SourceError(f"{root}: missing {', '.join(missing)} (expected the official ILSVRC-2010 "
+                          "downloads side by side, with ILSVRC2010_test_ground_truth.txt)")
+    if not paths["test_truth"].is_file():
+        raise SourceError(f"{paths['test_truth']}: not found; the test split is labelled from it "
+                          "(one ILSVRC2010_ID per line, in file-name order)")
+    leaves, val_ids = read_devkit_2010(paths["devkit"])
+    test_ids = [int(line) for line in paths["test_truth"].read_text().split()]
+    classes = _classes([w for w, _ in leaves.values()], {w: n for w, n in leaves.values()},
+                       {w: sid for sid, (w, _) in leaves.items()})
+    index = {c.id: c.index for c in classes}
+    id_to_index = {sid: index[w] for sid, (w, _) in leaves.items()}
+    truth = {"val": val_ids, "test": test_ids}
+
+    def numbered(split: str) -> Iterator[Record]:
+        # Members may sit under val/ (test/) or at the top: named by their file name, in its order.
+        with tarfile.open(paths[split], "r:*") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()),
+                             key=lambda m: (Path(m.name).name, m.name))
+            for m in members:
+                read = gunzip_if_wrapped(lambda m=m: tar.extractfile(m).read())
+                yield _numbered_record(split, Path(m.name).name, read, truth[split], id_to_index,
+                                       re.compile(rf"ILSVRC2010_{split}_(\d{{8}})\.JPEG$"))
+
+    def records(split: str) -> Iterator[Record]:
+        if split == "train":
+            return _train_tar_records(paths["train"], index, gunzip_if_wrapped)
+        return numbered(split)
+
+    notes = ["class index = position of the wnid among the sorted leaf wnids of the 2010 devkit's "
+             "meta.mat (num_children == 0); ILSVRC2010_ID kept per class as ilsvrc_id",
+             "test: labelled from ILSVRC2010_test_ground_truth.txt (Table 1 reports on it)",
+             "gzip-compressed files named .JPEG are decompressed before decoding"]
+    if len(leaves) != 1000:
+        notes.append(f"the devkit has {len(leaves)} leaf synsets, not the challenge's 1000")
+    return Source("ilsvrc2010", classes, records, None, dict(ILSVRC2010_COUNTS),
+                  [paths[k] for k in ("train", "val", "test", "devkit", "test_truth")],
+                  {"train": "train", "val": "val", "test": "test"}, notes, ("train", "val", "test"))
+
+
+def _numbered_record(split: str, name: str, read: Callable[[], bytes], ids: list[int],
+                     id_to_index: dict[int, int], pattern: re.Pattern) -> Record:
+    """Image n's class is line n of the ground truth (an ILSVRC20xx_ID)."""
+    match = pattern.search(name)
+    if not match:
+        return _skip(split, name, f"name does not match {pattern.pattern}")
+    n = int(match.group(1))
+    if not 1 <= n <= len(ids) or ids[n - 1] not in id_to_index:
+        return _skip(split, name, "no ground-truth class for it")
+    return Record(split, name, id_to_index[ids[n - 1]], read)
 
 
 # ---------------------------------------------------------------- ImageFolder -----------------
