@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, load_stats
@@ -32,43 +32,66 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataConfig, *,
-             ten_patch: bool, batch_size: int = 128, device: str | torch.device = "cpu",
-             precision: str = "fp32", channels_last: bool = False, workers: int | None = None,
-             replicas: Distributed | None = None) -> dict:
+def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: Stats,
+             config: DataConfig | Sequence[DataConfig], *, ten_patch: bool, batch_size: int = 128,
+             device: str | torch.device = "cpu", precision: str = "fp32", channels_last: bool = False,
+             workers: int | None = None, replicas: Distributed | None = None,
+             top5: list[Tensor] | None = None) -> dict:
     """Top-1/top-5 error over the whole split (every image exactly once). With ten_patch, the
     prediction is the average of the ten patches' softmax outputs (§4.1); else the centre patch.
+
+    A sequence of models (with one DataConfig each, or one for all) is an ensemble, as §6
+    averaged "the predictions of five similar CNNs": each model's softmax, averaged over its
+    patches, then averaged over the models. Each model reads its input on its first tower's
+    device. top5: a list that receives each batch's top-5 class indices (N×5, stored order).
 
     replicas (a Distributed, under torchrun): each rank evaluates every world-th batch and
     the counts and loss sums are added over the ranks, so every rank returns the whole split's
     result. Every rank must call it."""
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    configs = [config] * len(models) if isinstance(config, DataConfig) else list(config)
+    if not models or len(configs) != len(models):
+        raise ValueError(f"{len(models)} model(s) and {len(configs)} data config(s): give one each, or one for all")
     rank, world = (0, 1) if replicas is None else (replicas.rank, replicas.world)
-    was_training = model.training
-    model.eval()
-    top1 = top5 = seen = 0
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    # Models that read their input the same way share one stream of batches.
+    streams = list(dict.fromkeys(configs))
+    batches = [eval_batches(dataset, stats, c, batch_size=batch_size, device=device, ten_patch=ten_patch,
+                            workers=workers, shard=(rank, world)) for c in streams]
+    top1 = top5_hits = seen = 0
     loss = 0.0
     try:
-        for x, y in eval_batches(dataset, stats, config, batch_size=batch_size, device=device,
-                                 ten_patch=ten_patch, workers=workers, shard=(rank, world)):
-            views = x.flatten(0, 1) if ten_patch else x
-            if channels_last:
-                views = views.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                logits = model(views)
-            logits = logits.float().to(y.device)
-            probs = average_softmax(logits.unflatten(0, x.shape[:2]) if ten_patch else logits[:, None])
+        for got in zip(*batches):
+            y = got[0][1]
+            probs = 0
+            for m, c in zip(models, configs):
+                x = got[streams.index(c)][0]
+                views = x.flatten(0, 1) if ten_patch else x
+                views = views.to(next(m.parameters()).device)
+                if channels_last:
+                    views = views.contiguous(memory_format=torch.channels_last)
+                with autocast(views.device, precision):
+                    logits = m(views)
+                logits = logits.float().to(y.device)
+                probs = probs + average_softmax(logits.unflatten(0, x.shape[:2]) if ten_patch else logits[:, None])
+            probs = probs / len(models)
             best = probs.topk(min(5, probs.shape[1]), dim=1).indices
+            if top5 is not None:
+                top5.append(best.cpu())
             top1 += (best[:, 0] == y).sum().item()
-            top5 += (best == y[:, None]).any(dim=1).sum().item()
+            top5_hits += (best == y[:, None]).any(dim=1).sum().item()
             loss += torch.nn.functional.nll_loss(probs.clamp_min(1e-30).log(), y, reduction="sum").item()
             seen += len(y)
     finally:
-        model.train(was_training)
+        for m, was in zip(models, was_training):
+            m.train(was)
     if replicas is not None:  # integer counts are exact in float64; the loss sum is a float sum
-        top1, top5, loss, seen = replicas.sum([top1, top5, loss, seen])
-        top1, top5, seen = int(top1), int(top5), int(seen)
-    return {"top1_error": 1 - top1 / seen, "top5_error": 1 - top5 / seen, "loss": loss / seen,
-            "images": seen, "patches": 10 if ten_patch else 1}
+        top1, top5_hits, loss, seen = replicas.sum([top1, top5_hits, loss, seen])
+        top1, top5_hits, seen = int(top1), int(top5_hits), int(seen)
+    return {"top1_error": 1 - top1 / seen, "top5_error": 1 - top5_hits / seen, "loss": loss / seen,
+            "images": seen, "patches": 10 if ten_patch else 1, "models": len(models)}
 
 
 def final_metrics(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataConfig, **kw) -> dict:
