@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, load_stats
 from reproduction.distributed import Distributed
-from reproduction.runs import load_checkpoint, model_from_checkpoint, write_json
+from reproduction.errors import UserError, run_cli
+from reproduction.runs import (config_of, evaluation_path, load_checkpoint, model_from_checkpoint, open_data,
+                               write_json)
 
 
 def autocast(device: torch.device, precision: str):
@@ -100,38 +102,100 @@ def final_metrics(model: nn.Module, dataset: PackedSet, stats: Stats, config: Da
             "ten_patch": evaluate(model, dataset, stats, config, ten_patch=True, **kw)}
 
 
+def class_check(states: Sequence[dict], paths: Sequence[Path], dataset: PackedSet) -> None:
+    """Every checkpoint must predict the data's classes, in the data's order: the same number,
+    and the same class ids where the checkpoint records them (runs since issue 17 do)."""
+    ids = [c["id"] for c in dataset.classes]
+    for state, path in zip(states, paths):
+        n = state["config"]["model"]["num_classes"]
+        if n != len(ids):
+            raise ValueError(f"{path} has {n} classes, {dataset.root} has {len(ids)}; every model "
+                             "must predict the data's classes")
+        if state.get("classes") is not None and list(state["classes"]) != ids:
+            raise ValueError(f"{path} was trained on another class list than {dataset.root} "
+                             "(the class ids or their order differ); an ensemble averages the "
+                             "softmax of one class list")
+
+
+def write_predictions(path: Path, dataset: PackedSet, top5: Tensor) -> str:
+    """The challenge's submission format: one line per image in file-name order, its five best
+    classes as the dataset's own 1-based ids (ILSVRC20xx_ID), best first. Returns the id kind."""
+    names = (dataset.root / f"{dataset.split}.names.txt").read_text().splitlines()
+    if len(names) != len(top5):
+        raise ValueError(f"{dataset.root}/{dataset.split}.names.txt has {len(names)} names for "
+                         f"{len(top5)} images")
+    has_ids = all("ilsvrc_id" in c for c in dataset.classes)
+    ids = [c["ilsvrc_id"] if has_ids else c["index"] + 1 for c in dataset.classes]
+    order = sorted(range(len(names)), key=lambda i: Path(names[i]).name)
+    lines = (" ".join(str(ids[k]) for k in top5[i].tolist()) for i in order)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return "the manifest's ilsvrc_id" if has_ids else "class index + 1 (the manifest has no ilsvrc_id)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reproduction.evaluate",
         description="Top-1/top-5 error of a checkpoint on the centre patch and with the ten-patch "
-                    "softmax average (§4.1, §6). Writes the result (default: final.json beside the "
-                    "checkpoint) and prints it.")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint.pt")
+                    "softmax average (§4.1, §6); of an ensemble when several checkpoints are given "
+                    "(§6: the models' softmax outputs averaged). Writes the result (default: "
+                    "eval-<split>.json beside the checkpoint; a run's final.json is never replaced) "
+                    "and prints it.")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="CHECKPOINT",
+                        help="a run's checkpoint.pt; several = an ensemble (the models may differ in "
+                             "architecture but must share the data's class list)")
     parser.add_argument("--data", type=Path, required=True, help="a folder prepared by python -m data_prep")
     parser.add_argument("--split", default="val", help="the split to evaluate (default: val)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, or two devices 'cuda:0,cuda:1' for the towers (default: the GPU(s) if any)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="where to write the result (default: final.json beside the checkpoint; give "
-                             "another name, e.g. test.json, for a split other than the run's val)")
+                        help="where to write the result (default: eval-<split>.json beside the checkpoint; "
+                             "never final.json, the training run's record; required for an ensemble)")
+    parser.add_argument("--predictions", type=Path, default=None, metavar="FILE",
+                        help="also write each image's top-5 classes (ten patches) in the challenge's "
+                             "submission format: one line per image in file-name order, five "
+                             "1-based ILSVRC20xx_IDs, best first")
     args = parser.parse_args(argv)
+    if len(args.checkpoint) > 1 and args.output is None:
+        parser.error("an ensemble's result belongs to no single run: give --output FILE")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    output = evaluation_path(args.checkpoint[0], args.split, args.output)
 
     from reproduction.train import parse_devices  # the same placement rule as training
-    state = load_checkpoint(args.checkpoint)
-    config_devices = parse_devices(args.device, towers=state["config"]["model"]["towers"])
-    model, config = model_from_checkpoint(state, devices=config_devices)
-    dataset, stats = PackedSet(args.data, args.split), load_stats(args.data)
-    if len(dataset.classes) != config.model.num_classes:
-        parser.error(f"the checkpoint has {config.model.num_classes} classes, {args.data} has "
-                     f"{len(dataset.classes)}")
-    start = time.time()
-    result = final_metrics(model, dataset, stats, config.data, batch_size=args.batch_size,
-                           device=config_devices[0], precision=config.train.precision,
-                           channels_last=config.train.channels_last)
-    result |= {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-               "epochs_trained": state["epoch"], "seconds": round(time.time() - start, 1)}
-    write_json(args.output or args.checkpoint.parent / "final.json", result)
+    states = [load_checkpoint(p) for p in args.checkpoint]
+    dataset, stats = open_data(args.data, [args.split])
+    try:
+        class_check(states, args.checkpoint, dataset)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(str(e)) from None
+    models, configs = [], []
+    for state, path in zip(states, args.checkpoint):
+        devices = parse_devices(args.device, towers=config_of(state, path).model.towers)
+        model, config = model_from_checkpoint(state, devices=devices, path=path)
+        models.append(model)
+        configs.append(config)
+    first = configs[0].train
+    kw = dict(batch_size=args.batch_size, device=parse_devices(args.device, towers=1)[0],
+              precision=first.precision, channels_last=first.channels_last)
+    start, top5 = time.time(), []
+    data_configs = [c.data for c in configs]
+    result = {"centre": evaluate(models, dataset, stats, data_configs, ten_patch=False, **kw),
+              "ten_patch": evaluate(models, dataset, stats, data_configs, ten_patch=True, top5=top5, **kw)}
+    one = len(states) == 1
+    result |= {"checkpoint": str(args.checkpoint[0]) if one else [str(p) for p in args.checkpoint],
+               "data": str(args.data), "split": args.split,
+               "epochs_trained": states[0]["epoch"] if one else [s["epoch"] for s in states],
+               "seconds": round(time.time() - start, 1)}
+    if args.predictions is not None:
+        kind = write_predictions(args.predictions, dataset, torch.cat(top5))
+        result["predictions"] = {"path": str(args.predictions), "ids": kind, "patches": 10}
+    write_json(output, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -229,7 +229,9 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
         if replicas.is_main:
             runs.save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "position": position, "config": runs.config_dict(config),
-                                              "epoch": position["epoch"]})
+                                              "epoch": position["epoch"],
+                                              # the class list, so an ensemble can check its members agree
+                                              "classes": [c["id"] for c in train_set.classes]})
 
     guard = Guard(classes, t.stuck_steps, log)
     batches_per_epoch = num_batches(len(train_set), t.batch_size)

@@ -1,0 +1,106 @@
+"""evaluate: ensembles of checkpoints (§6) and the challenge's predictions file.
+
+Two untrained nets of different architectures (the paper's two towers, and one tower without
+LRN) on a tiny 4-class set; the command's numbers are checked against a hand average of the
+two nets' ten-patch softmax outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from packing import colour_set
+from reproduction import runs
+from reproduction.config import RunConfig, override
+from reproduction.data import PackedSet, average_softmax, eval_batches, load_stats
+from reproduction.evaluate import main as evaluate_main
+from reproduction.model import AlexNet
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+
+IDS = [7, 3, 9, 1]  # the dataset's own 1-based ids of classes 0..3, not index + 1
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    data = colour_set(root / "data", train=4, val=6, seed=1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for c, sid in zip(manifest["classes"], IDS):
+        c["ilsvrc_id"] = sid
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    # Stored order is not file-name order: image i is named ..._{6 - i}.
+    (data / "val.names.txt").write_text("".join(f"ILSVRC2010_test_{6 - i:08d}.JPEG\n" for i in range(6)))
+    paths = []
+    for k, diff in enumerate(({}, {"towers": 1, "lrn": "none"})):
+        config = override(RunConfig(), {"num_classes": 4, **diff})
+        torch.manual_seed(10 + k)
+        model = AlexNet(config.model)
+        with torch.no_grad():  # spread the logits so the two nets disagree visibly
+            model.fc8.weight_a.mul_(50)
+        path = root / f"m{k}" / "checkpoint.pt"
+        path.parent.mkdir()
+        runs.save_checkpoint(path, {"model": model.state_dict(), "config": runs.config_dict(config),
+                                    "epoch": 0, "classes": [c["id"] for c in manifest["classes"]]})
+        paths.append(path)
+    return data, paths
+
+
+def hand_probs(data, paths) -> tuple[torch.Tensor, torch.Tensor]:
+    dataset, stats = PackedSet(data, "val"), load_stats(data)
+    per_model = []
+    for path in paths:
+        model, config = runs.model_from_checkpoint(runs.load_checkpoint(path))
+        model.eval()
+        outs, labels = [], []
+        with torch.no_grad():
+            for x, y in eval_batches(dataset, stats, config.data, batch_size=6, ten_patch=True, workers=0):
+                outs.append(average_softmax(model(x.flatten(0, 1)).unflatten(0, x.shape[:2])))
+                labels.append(y)
+        per_model.append(torch.cat(outs))
+    return (per_model[0] + per_model[1]) / 2, torch.cat(labels)
+
+
+def test_ensemble_averages_the_models_softmax(members, tmp_path, capsys):
+    data, paths = members
+    probs, y = hand_probs(data, paths)
+    out, pred = tmp_path / "ens.json", tmp_path / "pred.txt"
+    assert evaluate_main(["--checkpoint", *map(str, paths), "--data", str(data), "--device", "cpu",
+                          "--batch-size", "4", "--output", str(out), "--predictions", str(pred)]) == 0
+    result = json.loads(out.read_text())
+    ten = result["ten_patch"]
+    assert ten["models"] == 2 and ten["images"] == 6 and ten["patches"] == 10
+    hand_loss = torch.nn.functional.nll_loss(probs.log(), y).item()
+    assert ten["loss"] == pytest.approx(hand_loss, rel=1e-5)
+    assert ten["top1_error"] == pytest.approx((probs.argmax(1) != y).float().mean().item())
+    # Each single model's loss differs from the ensemble's: the average is not one of them.
+    singles = []
+    for k, path in enumerate(paths):
+        assert evaluate_main(["--checkpoint", str(path), "--data", str(data), "--device", "cpu",
+                              "--output", str(tmp_path / f"one{k}.json")]) == 0
+        singles.append(json.loads((tmp_path / f"one{k}.json").read_text())["ten_patch"]["loss"])
+    assert all(abs(s - ten["loss"]) > 1e-4 for s in singles)
+    # Predictions: file-name order (stored image i is file 6 - i), ids from the manifest, best first.
+    best = probs.topk(4, dim=1).indices
+    expected = [" ".join(str(IDS[k]) for k in best[i].tolist()) for i in reversed(range(6))]
+    assert pred.read_text().splitlines() == expected
+    assert result["predictions"]["ids"] == "the manifest's ilsvrc_id"
+    assert result["checkpoint"] == [str(p) for p in paths]
+
+
+def test_ensemble_refuses_other_class_lists(members, tmp_path, capsys):
+    data, paths = members
+    state = runs.load_checkpoint(paths[1])
+    state["classes"] = list(reversed(state["classes"]))
+    other = tmp_path / "other.pt"
+    runs.save_checkpoint(other, state)
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--checkpoint", str(paths[0]), str(other), "--data", str(data), "--device", "cpu",
+                       "--output", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and "another class list" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an ensemble needs its own output file
+        evaluate_main(["--checkpoint", str(paths[0]), str(paths[1]), "--data", str(data)])
+    assert "--output" in capsys.readouterr().err
