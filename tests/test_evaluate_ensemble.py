@@ -97,10 +97,18 @@ def test_ensemble_refuses_other_class_lists(members, tmp_path, capsys):
     state["classes"] = list(reversed(state["classes"]))
     other = tmp_path / "other.pt"
     runs.save_checkpoint(other, state)
-    with pytest.raises(SystemExit) as e:
-        evaluate_main(["--checkpoint", str(paths[0]), str(other), "--data", str(data), "--device", "cpu",
-                       "--output", str(tmp_path / "x.json")])
-    assert e.value.code == 2 and "another class list" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # an ensemble needs its own output file
-        evaluate_main(["--checkpoint", str(paths[0]), str(paths[1]), "--data", str(data)])
+    code = exit_code(lambda: evaluate_main(["--checkpoint", str(paths[0]), str(other), "--data", str(data),
+                                            "--device", "cpu", "--output", str(tmp_path / "x.json")]))
+    assert code == 2 and "another class list" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+    # An ensemble's result belongs to no single run: it needs its own output file.
+    assert exit_code(lambda: evaluate_main(["--checkpoint", str(paths[0]), str(paths[1]), "--data", str(data)])) == 2
     assert "--output" in capsys.readouterr().err
+
+
+def exit_code(call) -> int:
+    """A command's exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return call()
+    except SystemExit as e:
+        return e.code
