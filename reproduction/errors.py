@@ -1,11 +1,15 @@
 """Expected failures, said the same way by every command.
 
 An expected failure (bad input, a missing, corrupt or foreign file, an interrupt) ends in one
-line on stderr, `error: <what>, <which file>, <what to do>`, exit status 2 (130 for Ctrl-C or
-SIGTERM), and no traceback. An unexpected bug keeps its traceback. Set
-REPRODUCTION_DEBUG=1 to see the traceback of an expected failure too (for a bug report).
+line on stderr, `error: <what>, <which file>, <what to do>`, exit status 2 (1 for a run the
+guard stopped, 130 for Ctrl-C or SIGTERM), and no traceback. An unexpected bug keeps its
+traceback. Set REPRODUCTION_DEBUG=1 to see the traceback of an expected failure too (for a bug
+report).
 
     raise UserError(f"{path} is not a checkpoint: re-run training or pass another --checkpoint")
+
+    with reading(path, "checkpoint", "pass a checkpoint.pt written by reproduction.train"):
+        state = torch.load(path)          # any failure here names the file and what to do
 
     def main(argv=None) -> int:
         return run_cli(_main, argv)
@@ -13,17 +17,76 @@ REPRODUCTION_DEBUG=1 to see the traceback of an expected failure too (for a bug 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 
 class UserError(Exception):
     """An expected failure; its message names what, which file, and what to do."""
+    exit_code = 2
 
 
 def debugging() -> bool:
     return os.environ.get("REPRODUCTION_DEBUG", "") not in ("", "0")
+
+
+# What reading a damaged or foreign file raises (torch.load, np.load, json, tarfile, PIL, pickle).
+READ_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
+               RuntimeError, UnicodeError)
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str, advice: str) -> Iterator[None]:
+    """Turn any failure to read `path` as a `what` into one UserError naming the file."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file ({what}); {advice}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a {what}; {advice}") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied reading the {what}; {advice}") from None
+    except READ_ERRORS as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}: {detail}); {advice}") from None
+
+
+def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` as a folder (and its parents), or say in one line why it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder ({what}); give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the {what} ({e.strerror or e}); choose another path") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: the {what} is not writable; choose another path or fix its permissions")
+    return path
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what schedulers and `timeout` send) raises KeyboardInterrupt, as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
@@ -35,7 +98,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         if debugging():
             raise
         print(f"{prefix}: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         if debugging():
             raise

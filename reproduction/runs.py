@@ -1,31 +1,51 @@
-"""The run folder: everything a run leaves behind, readable without this code.
+"""The run folder: everything a run leaves behind, readable without this code, and the one
+place that writes it.
 
     config.json     the resolved RunConfig, experiment name, command, git SHA and dirty flag,
-                    python/torch/torchvision versions, devices, data set and seed
-    metrics.jsonl   one JSON line per finished epoch
+                    python/torch/torchvision versions, devices, data set (with its identity:
+                    dataset, counts and a hash of its index) and seed
+    metrics.jsonl   one JSON line per finished epoch (finite numbers only: always valid JSON)
     checkpoint.pt   the latest state (model, optimiser, position in the data), written
                     atomically: a crash mid-write leaves the previous checkpoint intact
     final.json      centre-patch and ten-patch top-1/top-5 error of the final net
+    eval-*.json     what `python -m reproduction.evaluate` measured later (never final.json)
+
+A folder belongs to one run. `RunFolder` refuses a fresh run into a folder that holds any run
+file, holds an exclusive lock (flock on the folder itself) while a process writes it, so a
+second trainer on the same --out refuses, and removes temporaries a killed writer left. A
+resume checks everything before it writes anything; the checkpoint is the authority over
+metrics.jsonl (lines after it, or a line torn by a kill, are dropped, and the drop is said).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torchvision
 
 from reproduction.config import RunConfig, from_dict
+from reproduction.errors import UserError, reading
 from reproduction.model import AlexNet
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("config.json", "metrics.jsonl", "final.json", CHECKPOINT)
+CHECKPOINT_ADVICE = "pass a checkpoint.pt written by reproduction.train (or reproduction.caffe)"
+
+
+class NonFinite(UserError):
+    """A run produced a NaN or an infinity; it is never recorded as a result."""
+    exit_code = 1
 
 
 def git_state() -> dict:
@@ -67,9 +87,24 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_file(path: Path, what: str, advice: str) -> Any:
+    """read_json for a file a user handed us: any failure is one line naming the file."""
+    with reading(path, what, advice):
+        return read_json(path)
+
+
+def dumps(value: Any, **kw) -> str:
+    """JSON with finite numbers only (json's NaN/Infinity are not JSON)."""
+    try:
+        return json.dumps(value, allow_nan=False, **kw)
+    except ValueError:
+        raise NonFinite(f"refusing to write a non-finite number into JSON: {_nonfinite(value)}") from None
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
-    _atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode() + b"\n"))
+    text = dumps(value, indent=2)
+    _atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -79,29 +114,112 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by this project: a dict with the model's weights and its config.
+    Missing, truncated, garbage or foreign files (a bare state_dict such as torchvision's) are
+    one UserError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; {CHECKPOINT_ADVICE}")
+    with reading(path, "checkpoint", CHECKPOINT_ADVICE):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
+            or not isinstance(state.get("config"), dict):
+        kind = ("a bare state_dict (e.g. torchvision's or timm's), without this project's config"
+                if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+                else f"a {type(state).__name__} without 'model' and 'config'")
+        raise UserError(f"{path} is not a checkpoint of this project: it holds {kind}; {CHECKPOINT_ADVICE}")
+    return state
+
+
+def config_of(state: dict, path: Path | str = "the checkpoint") -> RunConfig:
+    with reading(path, "checkpoint's config", CHECKPOINT_ADVICE):
+        return from_dict(RunConfig, state["config"])
+
+
+def model_from_checkpoint(state: dict, devices=None, path: Path | str = "the checkpoint") -> tuple[AlexNet, RunConfig]:
+    config = config_of(state, path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-
-
-def model_from_checkpoint(state: dict, devices=None) -> tuple[AlexNet, RunConfig]:
-    config = from_dict(RunConfig, state["config"])
-    model = AlexNet(config.model, devices=devices)
-    model.load_state_dict(state["model"])
+        model = AlexNet(config.model, devices=devices)
+    except (ValueError, RuntimeError, AssertionError) as e:  # e.g. two devices for a one-tower net
+        raise UserError(f"{path}: its net cannot be placed on {devices} ({e}); give one device per tower "
+                        f"({config.model.towers})") from None
+    with reading(path, "checkpoint (weights that fit its config)", CHECKPOINT_ADVICE):
+        model.load_state_dict(state["model"])
     return model, config
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+# ------------------------------------------------------------------- data a run reads ---------
+
+def open_data(data_dir: Path, splits: Sequence[str] = ("train", "val")):
+    """The prepared set's splits and stats.npz, checked: a missing, unfinished or damaged set
+    and a split with no images are one UserError naming the file (before any step is taken)."""
+    from reproduction.data import PackedSet, load_stats
+    data_dir = Path(data_dir)
+    advice = "prepare it with python -m data_prep (or pass another --data)"
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: no such folder (--data); {advice}")
+    sets = []
+    for split in splits:
+        with reading(data_dir / "manifest.json", f"prepared set ({split} split)", advice):
+            s = PackedSet(data_dir, split)
+        if len(s) == 0:
+            raise UserError(f"{data_dir}: the {split} split holds no images ({split}.index.npy is empty); "
+                            f"re-prepare the set with images in {split}")
+        sets.append(s)
+    with reading(data_dir / "stats.npz", "stats file (mean and RGB eigen-decomposition)", advice):
+        stats = load_stats(data_dir)
+    return (*sets, stats)
+
+
+def data_identity(data_dir: Path, train_set, val_set) -> dict:
+    """What config.json records of the data: a resume must see the same set (a hash of both
+    indices: offsets, lengths and labels), wherever it now lies."""
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        digest.update((Path(data_dir) / f"{split}.index.npy").read_bytes())
+    return {"path": str(data_dir), "dataset": train_set.manifest.get("dataset"),
+            "train_images": len(train_set), "val_images": len(val_set), "classes": len(train_set.classes),
+            "index_sha256": digest.hexdigest()}
+
+
+def check_same_data(recorded: dict, now: dict, config_json: Path) -> None:
+    keys = [k for k in ("dataset", "classes", "train_images", "val_images", "index_sha256") if k in recorded]
+    differ = [f"{k} {recorded[k]!r} -> {now[k]!r}" for k in keys if recorded[k] != now[k]]
+    if differ:
+        raise UserError(f"--data {now['path']} is not the data set this run trained on ({config_json} records "
+                        f"{recorded.get('path')}: {'; '.join(differ)}); resume with the run's own data")
+
+
+# ------------------------------------------------------------------- metrics ------------------
+
+def read_metrics(run_dir: Path, *, torn: list | None = None) -> list[dict]:
+    """The epoch lines. A last line that does not parse (a kill mid-append) is left out and
+    reported in `torn`; a bad line elsewhere is an error naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with reading(path, "metrics file", "it should hold one JSON object per line"):
+        lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise ValueError("not an epoch line")
+        except ValueError:
+            if n == len(lines) - 1 and torn is not None:
+                torn.append(i)
+                break
+            raise UserError(f"{path}, line {i}: not a JSON epoch line ({line[:60]!r}); the file is damaged: "
+                            "delete that line (the checkpoint holds the run's state)") from None
+        rows.append(row)
+    return rows
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
+    line = dumps(row)  # refuses NaN/inf before anything is written
     with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -109,11 +227,11 @@ def append_metrics(run_dir: Path, row: dict) -> None:
 def keep_metrics_before(run_dir: Path, epoch: int, *, rewrite: bool = True) -> list[dict]:
     """On resume: drop lines of epochs the checkpoint has not finished (written after it).
     rewrite=False only reads them (replicas other than rank 0 never write the run folder)."""
-    rows = [r for r in read_metrics(run_dir) if r["epoch"] < epoch]
+    rows = [r for r in read_metrics(run_dir, torn=[]) if r["epoch"] < epoch]
     if not rewrite:
         return rows
     _atomic_write(Path(run_dir) / "metrics.jsonl",
-                  lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+                  lambda f: f.write("".join(dumps(r) + "\n" for r in rows).encode()))
     return rows
 
 
@@ -121,7 +239,184 @@ def config_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def _atomic_write(path: Path, write) -> None:
+# ------------------------------------------------------------------- the folder ---------------
+
+class RunFolder:
+    """One run's folder. `writer=False` (a replica other than rank 0) only reads: no lock, no writes.
+
+        folder = RunFolder(out)
+        with folder:                 # released on exit, however the run ends
+            folder.start(meta)       # fresh: refuses a folder holding run files, locks, writes config.json
+            # or: plan = folder.resume_state(); ...check...; folder.resumed(meta, epoch)
+    """
+
+    def __init__(self, path: Path, *, writer: bool = True) -> None:
+        self.path, self.writer = Path(path), writer
+        self._fd: int | None = None
+        self.notes: list[str] = []  # what was repaired, for the log
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def held(self) -> list[str]:
+        return [n for n in RUN_FILES if (self.path / n).exists()]
+
+    def check_fresh(self) -> None:
+        """A fresh run needs a folder that holds no run file (nothing is written here)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file, not a folder; give a folder for the run")
+        held = self.held()
+        if held:
+            raise UserError(f"{self.path} already holds a run ({', '.join(held)}); continue it with "
+                            f"--resume, or give another --out")
+
+    def lock(self) -> None:
+        """Exclusive flock on the folder itself (no lock file to leave behind); then clean up
+        what a killed writer left (only the lock holder may: another writer's temporaries are live)."""
+        if not self.writer or self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot open the run folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{self.path} is being written by another process (it holds the folder's lock): "
+                            "wait for it to end, or give another --out") from None
+        self._fd = fd
+        for stale in self.path.glob(".*.tmp"):  # e.g. .checkpoint.pt.abc123.tmp from a SIGKILL mid-write
+            stale.unlink(missing_ok=True)
+            self.notes.append(f"removed {stale.name}, a temporary file left by a killed writer")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def create(self) -> None:
+        """Make the folder and lock it; refuses one that holds run files."""
+        self.check_fresh()
+        if self.writer:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--out {self.path}: cannot create the run folder ({e.strerror or e}); "
+                                "choose another path") from None
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise UserError(f"--out {self.path}: the folder is not writable; choose another path")
+            self.lock()
+            self.check_fresh()  # a run that started between the first check and the lock
+
+    def start(self, meta: dict) -> None:
+        if self.writer:
+            write_json(self.path / "config.json", meta)
+
+    def open_for_resume(self) -> tuple[dict, dict, list[dict]]:
+        """Lock, then read (never write) the checkpoint, config.json and metrics.jsonl."""
+        if not self.path.is_dir():
+            raise UserError(f"--resume: {self.path} is not a run folder (no such folder)")
+        if not self.checkpoint.exists():
+            raise UserError(f"--resume: {self.path} holds no {CHECKPOINT} "
+                            f"({', '.join(self.held()) or 'no run files'}); start a fresh run in another --out")
+        self.lock()
+        state = load_checkpoint(self.checkpoint)
+        meta = read_json_file(self.path / "config.json", "run record (config.json)",
+                              "the run folder is damaged; start a fresh run in another --out")
+        if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict) or "experiment" not in meta:
+            raise UserError(f"{self.path / 'config.json'} is not this project's run record (no 'experiment' or "
+                            "'data'); start a fresh run in another --out")
+        torn: list[int] = []
+        rows = read_metrics(self.path, torn=torn)
+        if torn:
+            self.notes.append(f"dropped the torn last line ({torn[0]}) of {self.path / 'metrics.jsonl'} "
+                              "(a kill mid-append; the checkpoint is the authority)")
+        if not isinstance(state.get("position"), dict):
+            raise UserError(f"{self.checkpoint} holds no training position (imported weights?); "
+                            "fine-tune from it with --init-from instead of --resume")
+        return state, meta, rows
+
+    def resumed(self, meta: dict, epoch: int) -> list[dict]:
+        """After every check passed: the metrics up to the checkpoint, and the new config.json."""
+        history = keep_metrics_before(self.path, epoch, rewrite=self.writer)
+        if self.writer:
+            write_json(self.path / "config.json", meta)
+        return history
+
+    def append(self, row: dict) -> None:
+        if self.writer:
+            append_metrics(self.path, row)
+
+    def save(self, state: dict) -> None:
+        if self.writer:
+            save_checkpoint(self.checkpoint, state)
+
+    def finish(self, final: dict) -> None:
+        if self.writer:
+            write_json(self.path / "final.json", final)
+
+
+def evaluation_path(checkpoint: Path, split: str, output: Path | None) -> Path:
+    """Where `evaluate` writes: --output, else eval-<split>.json beside the checkpoint; never a
+    run file (final.json belongs to the training run)."""
+    path = Path(output) if output is not None else Path(checkpoint).parent / f"eval-{split}.json"
+    if path.name in RUN_FILES:
+        raise UserError(f"--output {path}: {path.name} belongs to the training run and is never replaced; "
+                        f"write the evaluation elsewhere (default: eval-{split}.json)")
+    if path.is_dir():
+        raise UserError(f"--output {path} is a folder; give a file name such as eval-{split}.json")
+    return path
+
+
+def read_run(folder: Path) -> tuple[dict | None, str | None]:
+    """A finished training run for the report, or (None, why it is left out)."""
+    folder = Path(folder)
+    try:
+        meta, final = read_json(folder / "config.json"), read_json(folder / "final.json")
+        metrics = read_metrics(folder, torn=[])
+    except (OSError, ValueError, UserError) as e:
+        return None, f"unreadable ({str(e).splitlines()[0][:120]})"
+    if not isinstance(meta, dict) or not isinstance(final, dict):
+        return None, "config.json or final.json is not a JSON object"
+    missing = [k for k in ("experiment", "data", "config") if k not in meta]
+    missing += [k for k in ("centre", "ten_patch", "epochs") if k not in final]
+    if missing:
+        return None, f"not a finished training run (no {', '.join(missing)})"
+    if not _finite(final) or not all(map(_finite, metrics)):
+        return None, "holds a non-finite number"
+    return {"folder": folder, "meta": meta, "metrics": metrics, "final": final}, None
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _nonfinite(value: Any, where: str = "") -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where or 'value'} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _nonfinite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return ""
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
