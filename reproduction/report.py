@@ -40,19 +40,23 @@ PAPER_EFFECTS = {
 
 def find_runs(results: Path) -> list[dict]:
     """Every finished run folder under `results`, with its config, metrics and final numbers."""
+    from reproduction.runs import read_run  # the run folder's one reader
     found = []
     for final in sorted(results.rglob("final.json")):
         folder = final.parent
         if not (folder / "config.json").exists():
             continue
-        meta = json.loads((folder / "config.json").read_text())
-        if "model" not in meta.get("config", {}):  # not an AlexNet run (e.g. the CIFAR-10 four-layer nets)
+        try:
+            meta = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            meta = {"config": {"model": None}}  # read_run says what is wrong with it
+        if not isinstance(meta, dict) or "model" not in meta.get("config", {}):
+            continue  # not an AlexNet run (e.g. the CIFAR-10 four-layer nets)
+        run, why = read_run(folder)
+        if run is None:  # damaged, unfinished or non-finite: said, never a crash or a result
+            print(f"report: left out {folder}: {why}", file=sys.stderr)
             continue
-        metrics_path = folder / "metrics.jsonl"
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()
-                   if line.strip()] if metrics_path.exists() else []
-        found.append({"folder": folder, "meta": meta, "metrics": metrics,
-                      "final": json.loads(final.read_text())})
+        found.append(run)
     return found
 
 
@@ -394,6 +398,11 @@ def filter_sections(results: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from reproduction.errors import run_cli
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction.report",
                                      description="Write RESULTS/README.md (and curve PNGs) from the run "
                                                  "folders under RESULTS, beside the paper's numbers.")

@@ -387,6 +387,8 @@ def read_run(folder: Path) -> tuple[dict | None, str | None]:
     if not isinstance(meta, dict) or not isinstance(final, dict):
         return None, "config.json or final.json is not a JSON object"
     missing = [k for k in ("experiment", "data", "config") if k not in meta]
+    missing += [f"data.{k}" for k in ("classes", "train_images", "val_images")
+                if not isinstance(meta.get("data"), dict) or k not in meta["data"]]
     missing += [k for k in ("centre", "ten_patch", "epochs") if k not in final]
     if missing:
         return None, f"not a finished training run (no {', '.join(missing)})"

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reproduction import runs
-from reproduction.config import RunConfig, TrainConfig, from_dict, override
-from reproduction.data import PackedSet, load_stats, num_batches, train_batches
+from reproduction.config import RunConfig, TrainConfig, override
+from reproduction.data import num_batches, train_batches
 from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
+from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import autocast, evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.model import AlexNet, default_devices
@@ -50,8 +51,10 @@ _DROPOUT = 2  # key that keeps the dropout stream apart from the data's streams 
 READ_EVERY = 20
 
 
-class TrainingStopped(RuntimeError):
-    """The guard stopped the run; the message says why and what to try."""
+class TrainingStopped(UserError, RuntimeError):
+    """The guard stopped the run; the message says why and what to try. A run that produced a
+    non-finite value ends here, never as a normal result (exit status 1)."""
+    exit_code = 1
 
 
 def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:
@@ -84,13 +87,15 @@ class Guard:
         self.chance, self.stuck_steps, self.log = math.log(num_classes), stuck_steps, log
         self.recent: deque[float] = deque(maxlen=100)
         self.warned = False
+        # What the run folder's checkpoint is worth, said in every stop message (train updates it).
+        self.checkpoint_note = "no checkpoint was written by this run"
 
     def check(self, loss: float, step: int, lr: float) -> None:
         if not math.isfinite(loss):
             raise TrainingStopped(
                 f"loss became {loss} at step {step} (ε = {lr:g}). Try a smaller learning rate "
                 f"(--set lr={lr / 10:g}), precision=fp32 if you used bf16, and check that the data's "
-                f"mean was subtracted (inputs of thousands overflow). The last checkpoint is intact.")
+                f"mean was subtracted (inputs of thousands overflow). {self.checkpoint_note}.")
         self.recent.append(loss)
         at_chance = (len(self.recent) == self.recent.maxlen
                      and abs(sum(self.recent) / len(self.recent) - self.chance) < 0.01 * self.chance)
@@ -108,34 +113,50 @@ class Guard:
 
 
 class Interrupt:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second: stop at once."""
+    """First Ctrl-C or SIGTERM (what schedulers and `timeout` send): finish the step,
+    checkpoint, stop. Second: stop at once."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def __enter__(self):
         # Signal handlers can only be set from the main thread; elsewhere Ctrl-C is not ours.
-        self.previous = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: checkpointing after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+        print(f"\ninterrupt ({signal.Signals(signum).name}): checkpointing after this step "
+              "(again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
     """'cpu', 'cuda:0' or 'cuda:0,cuda:1' (one per tower); None: `default_devices`."""
     names = default_devices(towers) if not text else [d.strip() for d in text.split(",")]
-    return tuple(torch.device(d) for d in names)
+    devices = []
+    for name in names:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--devices {text}: {name!r} is not a device; give cpu, cuda, cuda:0 or "
+                            "cuda:0,cuda:1 (one per tower)") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+            raise UserError(f"--devices {text}: {name} is not visible ({torch.cuda.device_count()} CUDA "
+                            "device(s)); give cpu or a visible GPU")
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"--devices {text}: {name!r} is neither cpu nor cuda; give cpu or cuda:N")
+        devices.append(device)
+    return tuple(devices)
 
 
 def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "custom",
@@ -153,24 +174,38 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     of `scale_batch`, kept in config.json. init_from: a checkpoint (trained or imported) whose
     weights the run starts from, fc8 re-initialised when the class count differs (fine-tuning).
     """
-    command = list(sys.argv if command is None else command)
     replicas = replicas or Distributed()
+    with runs.RunFolder(out, writer=replicas.is_main) as folder:  # locked while this process writes it
+        return _train(config, Path(data_dir), folder, experiment=experiment, resume=resume, devices=devices,
+                      workers=workers, max_epochs=max_epochs, command=command, log=log, replicas=replicas,
+                      batch_scaling=batch_scaling, init_from=init_from)
+
+
+def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experiment: str, resume: bool,
+           devices: Sequence[torch.device] | None, workers: int | None, max_epochs: int | None,
+           command: Sequence[str] | None, log: Callable[[str], None], replicas: Distributed,
+           batch_scaling: dict | None, init_from: Path | None) -> dict:
+    command = list(sys.argv if command is None else command)
     if not replicas.is_main:
         log = _quiet  # rank 0 alone prints
     t = config.train
     if t.batch_size < replicas.world:
-        raise ValueError(f"a global batch of {t.batch_size} cannot be split between {replicas.world} "
-                         f"replicas; use --global-batch or fewer processes")
-    train_set, val_set = PackedSet(data_dir, "train"), PackedSet(data_dir, "val")
-    stats = load_stats(data_dir)
+        raise UserError(f"a global batch of {t.batch_size} cannot be split between {replicas.world} "
+                        f"replicas; use --global-batch or fewer processes")
+    out = folder.path
+    # Everything is read and checked before anything is written.
+    if resume:
+        state, meta, _ = folder.open_for_resume()
+    else:
+        folder.check_fresh()
+    train_set, val_set, stats = runs.open_data(data_dir)
     classes = len(train_set.classes)
-    if init_from is None and config.model.num_classes not in (classes, 1000):  # fine-tuning changes it
-        raise ValueError(f"num_classes={config.model.num_classes} but {data_dir} has {classes} classes")
+    if init_from is None and not resume and config.model.num_classes not in (classes, 1000):
+        raise UserError(f"num_classes={config.model.num_classes} but {data_dir} has {classes} classes")
     config = override(config, {"num_classes": classes})  # fc8's width follows the data
+    identity = runs.data_identity(data_dir, train_set, val_set)
     devices = tuple(devices or parse_devices(None, config.model.towers))
     home = devices[0]  # batches arrive on tower A's device; conv1 hands them to each tower
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if t.deterministic:  # process-wide; on CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8
         torch.use_deterministic_algorithms(True)
     if home.type == "cuda":  # cuDNN times its kernels per shape and keeps the fastest (not bit-repeatable)
@@ -185,39 +220,42 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
         getattr(model, name).requires_grad_(False)
     optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
     position = {"epoch": 0, "batch": 0, "step": 0, "sums": _zero_sums()}
-    checkpoint = out / runs.CHECKPOINT
     if resume:
-        state = runs.load_checkpoint(checkpoint)
-        saved = from_dict(RunConfig, state["config"])
+        saved = runs.config_of(state, folder.checkpoint)
+        runs.check_same_data(meta["data"], identity, out / "config.json")
+        if saved.train.batch_size != t.batch_size and state["position"]["batch"] != 0:
+            raise UserError(f"--set batch_size={t.batch_size}: {folder.checkpoint} is mid-epoch "
+                            f"({position_text(state['position'])}) at batch_size={saved.train.batch_size}, and "
+                            "the rest of the epoch would revisit images; resume with its batch_size and "
+                            "change it once the checkpoint is at an epoch boundary (batch 0)")
+        with reading(folder.checkpoint, "checkpoint whose weights fit the resumed config",
+                     "resume without --set changes to the architecture"):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        position = state["position"]
         changed = _differences(saved, config)
         if changed:
             log(f"resuming with a changed config ({changed}): the run is no longer one run of one config")
-        if replicas.is_main:
-            meta = runs.read_json(out / "config.json")
-            meta.setdefault("resumed", []).append({"at": position_text(state["position"]), "changed": changed,
-                                                   "git": runs.git_state(), "command": command,
-                                                   "world_size": replicas.world})
-            meta["config"] = runs.config_dict(config)
-            runs.write_json(out / "config.json", meta)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        position = state["position"]
-        history = runs.keep_metrics_before(out, position["epoch"], rewrite=replicas.is_main)
+        meta.setdefault("resumed", []).append({"at": position_text(position), "changed": changed,
+                                               "git": runs.git_state(), "command": command,
+                                               "world_size": replicas.world, "data": str(data_dir)})
+        meta["config"] = runs.config_dict(config)
+        history = folder.resumed(meta, position["epoch"])
+        for note in folder.notes:
+            log(note)
         log(f"resumed {out} at {position_text(position)}")
     else:
-        if checkpoint.exists():
-            raise FileExistsError(f"{out} already holds a run; use --resume to continue it or another --out")
+        folder.create()
+        for note in folder.notes:
+            log(note)
         history = []
-        if replicas.is_main:
-            runs.write_json(out / "config.json", {
-                "experiment": experiment, "config": runs.config_dict(config), "command": command,
-                "git": runs.git_state(), "environment": runs.environment(devices),
-                "data": {"path": str(data_dir), "dataset": train_set.manifest.get("dataset"),
-                         "train_images": len(train_set), "val_images": len(val_set), "classes": classes},
-                "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
-                                              "compile": t.compile, "deterministic": t.deterministic},
-                "distributed": replicas.describe() | {"global_batch": t.batch_size},
-                "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
+        folder.start({
+            "experiment": experiment, "config": runs.config_dict(config), "command": command,
+            "git": runs.git_state(), "environment": runs.environment(devices), "data": identity,
+            "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
+                                          "compile": t.compile, "deterministic": t.deterministic},
+            "distributed": replicas.describe() | {"global_batch": t.batch_size},
+            "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
     step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
     if replicas.started:
         least, most = t.batch_size // replicas.world, -(-t.batch_size // replicas.world)
@@ -225,15 +263,23 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
             f"{least if least == most else f'{least}-{most}'} images per replica; rank 0 on "
             f"{', '.join(map(str, devices))}")
 
-    def save(position):
-        if replicas.is_main:
-            runs.save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "position": position, "config": runs.config_dict(config),
-                                              "epoch": position["epoch"],
-                                              # the class list, so an ensemble can check its members agree
-                                              "classes": [c["id"] for c in train_set.classes]})
-
     guard = Guard(classes, t.stuck_steps, log)
+    if resume:
+        guard.checkpoint_note = f"The checkpoint this run resumed from ({position_text(position)}) is kept"
+
+    def save(position):
+        # A checkpoint is written only when its weights are finite, so the last one is always usable.
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainingStopped(f"the weights ({bad}) became non-finite by {position_text(position)} (ε = {lr:g}); "
+                                  f"nothing was checkpointed. Try a smaller learning rate (--set lr={lr / 10:g}). "
+                                  f"{guard.checkpoint_note}.")
+        folder.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "position": position, "config": runs.config_dict(config), "epoch": position["epoch"],
+                     # the class list, so an ensemble can check its members agree
+                     "classes": [c["id"] for c in train_set.classes]})
+        guard.checkpoint_note = (f"The last checkpoint ({out / runs.CHECKPOINT}, {position_text(position)}) "
+                                 "held finite weights when it was written")
     batches_per_epoch = num_batches(len(train_set), t.batch_size)
     last_epoch = t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs)
     eval_kw = dict(batch_size=t.batch_size, device=home, precision=t.precision,
@@ -284,12 +330,16 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
                     raise KeyboardInterrupt
             seconds = sums["seconds"] + time.time() - start
             val = evaluate(model, val_set, stats, config.data, ten_patch=False, **eval_kw)
+            if not (math.isfinite(val["loss"]) and math.isfinite(sums["loss"])):
+                raise TrainingStopped(f"epoch {epoch + 1} (ε = {lr:g}) produced a non-finite "
+                                      f"{'validation loss' if math.isfinite(sums['loss']) else 'training loss'}: "
+                                      f"the net's outputs overflowed; nothing of this epoch is recorded. Try a "
+                                      f"smaller learning rate (--set lr={lr / 10:g}). {guard.checkpoint_note}.")
             row = {"epoch": epoch, "step": position["step"], "lr": lr,
                    "train_loss": sums["loss"] / sums["images"], "train_error": sums["errors"] / sums["images"],
                    "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
                    "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds}
-            if replicas.is_main:
-                runs.append_metrics(out, row)
+            folder.append(row)
             history.append(row)
             log(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} error "
                 f"{row['train_error']:.4f} | val top-1 {val['top1_error']:.4f} top-5 "
@@ -299,10 +349,12 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     if position["epoch"] < t.epochs:
         return {"stopped_at_epoch": position["epoch"]}
     final = final_metrics(model, val_set, stats, config.data, **eval_kw)
+    if not all(math.isfinite(final[p]["loss"]) for p in ("centre", "ten_patch")):
+        raise TrainingStopped(f"the final evaluation produced a non-finite loss; no final.json is written. "
+                              f"{guard.checkpoint_note}.")
     final |= {"experiment": experiment, "epochs": position["epoch"], "steps": position["step"],
               "seed": t.seed, "data": str(data_dir)}
-    if replicas.is_main:
-        runs.write_json(out / "final.json", final)
+    folder.finish(final)
     log(f"final: centre patch top-1 {final['centre']['top1_error']:.4f} top-5 "
         f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
         f"top-5 {final['ten_patch']['top5_error']:.4f} -> {out / 'final.json'}")
@@ -372,9 +424,9 @@ def load_pretrained(model: AlexNet, path: Path) -> str:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shapes that differ
-        raise ValueError(f"{path} does not fit this net ({advice}): {e}") from None
+        raise UserError(f"{path} does not fit this net ({advice}): {e}") from None
     if unexpected or set(missing) != set(fresh):
-        raise ValueError(f"{path} does not fit this net (missing {missing}, unexpected {unexpected}); {advice}")
+        raise UserError(f"{path} does not fit this net (missing {missing}, unexpected {unexpected}); {advice}")
     tail = (f"fc8 re-initialised for {own['fc8.bias'].shape[0]} classes (§5's initialisation)" if fresh
             else "fc8 kept")
     return f"started from the weights of {path}; {tail}"
@@ -449,8 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.global_batch is not None:
                 parser.error("--global-batch is chosen when a run starts; its checkpoint holds the batch and ε")
             saved = runs.load_checkpoint(args.out / runs.CHECKPOINT)
-            config = override(from_dict(RunConfig, saved["config"]), args.set)
-            meta = runs.read_json(args.out / "config.json")
+            config = _override(runs.config_of(saved, args.out / runs.CHECKPOINT), args.set)
+            meta = runs.read_json_file(args.out / "config.json", "run record (config.json)",
+                                       "the run folder is damaged; start a fresh run in another --out")
+            if not isinstance(meta, dict) or "experiment" not in meta or "path" not in meta.get("data", {}):
+                raise UserError(f"{args.out / 'config.json'} is not this project's run record (no 'experiment' "
+                                "or 'data'); start a fresh run in another --out")
             experiment = meta["experiment"]
             data = args.data or Path(meta["data"]["path"])
         else:
@@ -460,12 +516,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.experiment is not None:
                     parser.error("--init-from takes its architecture and recipe from the checkpoint; "
                                  "give --set changes instead of --experiment")
-                base = from_dict(RunConfig, runs.load_checkpoint(args.init_from)["config"])
+                base = runs.config_of(runs.load_checkpoint(args.init_from), args.init_from)
                 args.experiment = "finetune"
             else:
                 args.experiment = args.experiment or "paper"
                 base = EXPERIMENTS[args.experiment]
-            config = override(base, args.set)
+            config = _override(base, args.set)
             if args.global_batch is not None:
                 config, scaling = scale_batch(config, args.global_batch)
             experiment, data = args.experiment, args.data
@@ -480,9 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             train(config, data, out, experiment=experiment, resume=args.resume, devices=devices,
                   workers=args.workers, command=["python", "-m", "reproduction.train", *argv],
                   replicas=replicas, batch_scaling=scaling, init_from=None if args.resume else args.init_from)
-    except (TrainingStopped, ValueError, FileExistsError, FileNotFoundError) as e:
+    except UserError as e:  # the errors.py convention, with the rank named under torchrun
+        if debugging():
+            raise
         print(f"error{_where(replicas)}: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as e:
@@ -492,6 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{args.timeout:g} s)", file=sys.stderr)
         raise
     return 0
+
+
+def _override(config: RunConfig, changes: Sequence[str]) -> RunConfig:
+    try:
+        return override(config, changes)
+    except ValueError as e:
+        raise UserError(f"--set: {e}") from None
 
 
 def _where(replicas: Distributed) -> str:

@@ -14,6 +14,7 @@ from packing import colour_set
 from reproduction import runs
 from reproduction.config import DataConfig, RunConfig, override
 from reproduction.data import PackedSet, load_stats
+from reproduction.errors import UserError
 from reproduction.evaluate import evaluate
 from reproduction.evaluate import main as evaluate_main
 from reproduction.optim import PaperSGD
@@ -61,7 +62,7 @@ def test_a_run_writes_a_self_describing_folder(tiny_set, finished_run):
     assert rows[0]["lr"] == 0.01
     assert final["centre"]["images"] == 6 and final["ten_patch"]["patches"] == 10
     assert meta["experiment"] == "paper" and "--set" in meta["command"]
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         run(tiny_set, tmp_path / "run")
 
 
@@ -70,7 +71,8 @@ def test_evaluate_command_reproduces_the_final_numbers(tiny_set, finished_run, t
     checkpoint = tmp_path / runs.CHECKPOINT
     checkpoint.write_bytes((out / runs.CHECKPOINT).read_bytes())
     assert evaluate_main(["--checkpoint", str(checkpoint), "--data", str(tiny_set), "--device", "cpu"]) == 0
-    again = json.loads((tmp_path / "final.json").read_text())
+    again = json.loads((tmp_path / "eval-val.json").read_text())  # its own file: final.json is the run's
+    assert not (tmp_path / "final.json").exists()
     for protocol in ("centre", "ten_patch"):  # other batching: the loss agrees to rounding
         assert {k: v for k, v in again[protocol].items() if k != "loss"} == \
             {k: v for k, v in final[protocol].items() if k != "loss"}
@@ -283,7 +285,7 @@ def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, c
     from reproduction.model import AlexNet
     from reproduction.train import load_pretrained
     one_tower = AlexNet(override(TINY, {"towers": 1, "num_classes": 4}).model)
-    with pytest.raises(ValueError, match="does not fit this net"):
+    with pytest.raises(UserError, match="does not fit this net"):
         load_pretrained(one_tower, source)
 
 
