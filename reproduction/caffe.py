@@ -1,15 +1,31 @@
 """Import Caffe's pretrained `bvlc_alexnet` (BVLC/caffe models/bvlc_alexnet) into our checkpoint format.
 
+    python -m reproduction.caffe bvlc_alexnet.caffemodel --out runs/caffe/checkpoint.pt [--prototxt deploy.prototxt]
     python -m reproduction.caffe bvlc_alexnet.npy --out runs/caffe/checkpoint.pt [--mean ilsvrc_2012_mean.npy]
 
-Reads the `bvlc_alexnet.npy` dictionary that the TensorFlow ports load (converted from the
-.caffemodel by caffe-tensorflow): `np.load(path, encoding="bytes", allow_pickle=True).item()` is
-{"conv1": [W, b], ..., "fc8": [W, b]} (keys may be bytes), conv W height×width×in×out with a grouped
-layer's `in` counting one group's maps (conv2 is 5×5×48×256; outputs 0–127 are group 1, reading
-maps 0–47), fc W in×out. Writes `checkpoint.pt` (our format; "optimizer" and "position" are None)
-and `stats.npz` beside it (Caffe's mean image as RGB), which predict/evaluate read.
+Reads either file BVLC's net comes as:
+- `bvlc_alexnet.caffemodel` (BVLC's own file, sha1 9116a64c0fbe4459d18f4bb6b56d647b63920377): a
+  binary protobuf NetParameter, read with the `protobuf` package through the few messages that
+  reproduction/caffe_proto.py declares (no Caffe, no protoc). Its layer list is checked against
+  AlexNet's (order, types, kernel sizes, strides, pads, groups, LRN and pooling settings): a file
+  that differs is refused with the first layer that differs (bvlc_reference_caffenet, which pools
+  before it normalises, is refused at its pool1). Blobs are in Caffe's layout: conv
+  out×(in/group)×H×W with BGR input maps, fc out×in, fc6's columns in Caffe's c·36 + h·6 + w
+  (NCHW) flatten. `--prototxt deploy.prototxt` (text format) is checked the same way, with its
+  input size, and must agree with the weights.
+- the `bvlc_alexnet.npy` dictionary that the TensorFlow ports load (converted from the .caffemodel
+  by caffe-tensorflow): `np.load(path, encoding="bytes", allow_pickle=True).item()` is
+  {"conv1": [W, b], ..., "fc8": [W, b]} (keys may be bytes), conv W height×width×in×out with a
+  grouped layer's `in` counting one group's maps (conv2 is 5×5×48×256; outputs 0–127 are group 1,
+  reading maps 0–47), fc W in×out with fc6's rows in NHWC order.
+The .caffemodel's blobs are first put in the ports' layout (what caffe-tensorflow does: conv
+OIHW → HWIO, fc6's columns (c, h, w) → rows (h, w, c), fc transposed), so that both files go
+through the one mapping below. Composed, a .caffemodel's conv and fc6 weights arrive unchanged
+but for conv1's BGR → RGB, and fc7/fc8's ×2. Writes `checkpoint.pt` (our format; "optimizer"
+and "position" are None) and `stats.npz` beside it (Caffe's mean image as RGB), which
+predict/evaluate and the weights record (reproduction/weights.py) read.
 
-The mapping, layer by layer (each checked numerically in tests/test_caffe.py):
+The mapping from the ports' layout, layer by layer (each checked numerically in tests/test_caffe.py):
 - conv: HWIO → OIHW. A grouped layer's kernels need no other change: our state_dict is a grouped
   net's (conv2.weight 256×48×5×5, outputs 0–127 read maps 0–47), the same split Caffe uses.
 - conv1: Caffe's input is BGR. Its kernels' input axis is reversed, so the imported net reads RGB
@@ -30,9 +46,6 @@ The mapping, layer by layer (each checked numerically in tests/test_caffe.py):
 - The mean: Caffe's ilsvrc_2012_mean.npy (BGR, 0–255, 3×256×256) reversed to RGB. Caffe's data
   layer subtracts it at the crop's offset and mirrors it with the crop: DataConfig mean="offset".
   No lighting statistics come with it (bvlc_alexnet was trained without relighting): eigval 0.
-
-The .caffemodel itself is not read: that needs Caffe's caffe.proto compiled with protoc (or
-pycaffe, which is not on PyPI); convert it to the .npy with caffe-tensorflow first.
 """
 
 from __future__ import annotations
@@ -47,20 +60,135 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from reproduction import caffe_proto
 from reproduction.config import AlexNetConfig, DataConfig, RunConfig
+from reproduction.errors import UserError, run_cli
 from reproduction.model import AlexNet
 from reproduction.runs import config_dict, save_checkpoint
 
 SHARED_MEAN = (Path(__file__).resolve().parents[2] / "shared" / "data" / "constants" / "ilsvrc_2012_mean.npy")
+BVLC_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"  # models/bvlc_alexnet/readme.md
 
 # Caffe's arithmetic (BVLC/caffe models/bvlc_alexnet/deploy.prototxt); everything else the paper's.
 CAFFE = RunConfig(model=AlexNetConfig(input_size=227, lrn="code", lrn_k=1.0, lrn_scope="all"),
                   data=DataConfig(crop=227, mean="offset", lighting="none"))
 
-# The file's shapes: conv H×W×in×out (in per group), fc in×out; fc8's out may differ (fine-tuned files).
+# The ports' shapes: conv H×W×in×out (in per group), fc in×out; fc8's out may differ (fine-tuned files).
 SHAPES = {"conv1": (11, 11, 3, 96), "conv2": (5, 5, 48, 256), "conv3": (3, 3, 256, 384),
           "conv4": (3, 3, 192, 384), "conv5": (3, 3, 192, 256),
           "fc6": (6 * 6 * 256, 4096), "fc7": (4096, 4096), "fc8": (4096, None)}
+
+
+def _alexnet_layers(m: AlexNetConfig = CAFFE.model) -> list[tuple[str, str, dict]]:
+    """bvlc_alexnet's layers in order with the settings this import assumes (those of CAFFE: Caffe's
+    LRN alpha is, like lrn="code", divided by local_size inside the layer). None = any value."""
+    def conv(name, k, s, p, g):
+        out = SHAPES[name][3]
+        return (name, "Convolution", {"num_output": out, "kernel": (k, k), "stride": (s, s), "pad": (p, p),
+                                      "group": g, "dilation": (1, 1), "bias_term": True})
+    lrn = {"local_size": m.lrn_size, "alpha": m.lrn_alpha, "beta": m.lrn_beta, "k": m.lrn_k,
+           "norm_region": "ACROSS_CHANNELS"}
+    pool = {"pool": "MAX", "kernel": (m.pool_kernel,) * 2, "stride": (2, 2), "pad": (0, 0), "global_pooling": False}
+    fc = lambda name, n: (name, "InnerProduct", {"num_output": n, "bias_term": True, "axis": 1, "transpose": False})
+    drop = {"dropout_ratio": m.dropout}
+    return [conv("conv1", 11, 4, 0, 1), ("relu1", "ReLU", {}), ("norm1", "LRN", lrn), ("pool1", "Pooling", pool),
+            conv("conv2", 5, 1, 2, 2), ("relu2", "ReLU", {}), ("norm2", "LRN", lrn), ("pool2", "Pooling", pool),
+            conv("conv3", 3, 1, 1, 1), ("relu3", "ReLU", {}), conv("conv4", 3, 1, 1, 2), ("relu4", "ReLU", {}),
+            conv("conv5", 3, 1, 1, 2), ("relu5", "ReLU", {}), ("pool5", "Pooling", pool),
+            fc("fc6", 4096), ("relu6", "ReLU", {}), ("drop6", "Dropout", drop),
+            fc("fc7", 4096), ("relu7", "ReLU", {}), ("drop7", "Dropout", drop), fc("fc8", None)]
+
+
+ALEXNET = _alexnet_layers()
+# Layers that compute nothing in the deploy net's logits: inputs, losses, scores, plumbing.
+IGNORED = {"Data", "Input", "ImageData", "MemoryData", "HDF5Data", "WindowData", "DummyData", "Softmax",
+           "SoftmaxWithLoss", "Accuracy", "Silence", "Split"}
+
+
+def check_alexnet(layers: Sequence[caffe_proto.Layer], where) -> dict[str, caffe_proto.Layer]:
+    """The file's layers matched to ALEXNET in order (layer names may differ, e.g. a renamed fc8);
+    raises ValueError naming the first layer whose type or settings differ."""
+    kept = [layer for layer in layers if layer.type not in IGNORED]
+    for i, (name, kind, expected) in enumerate(ALEXNET):
+        if i == len(kept):
+            last = f"after {kept[-1].name!r}" if kept else "with no computing layer"
+            raise ValueError(f"{where}: not bvlc_alexnet: the net ends {last}, where AlexNet goes on with "
+                             f"{name} ({kind})")
+        layer = kept[i]
+        if layer.type != kind:
+            hint = (" (pooling before normalisation is bvlc_reference_caffenet's order; this import is for "
+                    "bvlc_alexnet)" if name == "norm1" and layer.type == "Pooling" else "")
+            raise ValueError(f"{where}: not bvlc_alexnet: layer #{layer.index} {layer.name!r} is {layer.type} "
+                             f"where AlexNet has {name} ({kind}){hint}")
+        for key, want in expected.items():
+            got = layer.params.get(key)
+            if want is not None and not _same(got, want):
+                raise ValueError(f"{where}: not bvlc_alexnet: layer #{layer.index} {layer.name!r} ({kind}) has "
+                                 f"{key} {_show(got)}, where the import assumes {_show(want)} (AlexNet's {name})")
+    if len(kept) > len(ALEXNET):
+        extra = kept[len(ALEXNET)]
+        raise ValueError(f"{where}: not bvlc_alexnet: layer #{extra.index} {extra.name!r} ({extra.type}) follows "
+                         f"fc8, where AlexNet ends")
+    return {name: layer for (name, _, _), layer in zip(ALEXNET, kept)}
+
+
+def _show(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)  # float32 1e-4, not 9.99999974738e-05
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, float):
+        return isinstance(got, (int, float)) and abs(got - want) <= 1e-6 * abs(want)  # float32 in the file
+    return got == want
+
+
+def read_caffemodel(path: str | Path, prototxt: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A .caffemodel's conv1..fc8 in the ports' layout (see the module docstring), its layer list
+    checked against AlexNet's and, if given, against the deploy prototxt's."""
+    path = Path(path)
+    matched = check_alexnet(caffe_proto.read_net(caffe_proto.parse_caffemodel(path), path), path)
+    layers = {}
+    for name, shape in SHAPES.items():
+        layer = matched[name]
+        if len(layer.blobs) != 2:
+            raise ValueError(f"{path}: layer {layer.name!r} holds {len(layer.blobs)} blobs, expected 2 "
+                             f"(weights and bias)")
+        w, b = layer.blobs
+        if name.startswith("fc") and w.ndim == 4 and w.shape[:2] == (1, 1):
+            w = w.reshape(w.shape[2:])            # legacy 1×1×out×in
+        b = b.reshape(-1) if b.ndim == 1 or set(b.shape[:-1]) == {1} else b  # legacy 1×1×1×out
+        caffe_shape = shape[::-1] if name.startswith("fc") else (shape[3], shape[2], shape[0], shape[1])
+        if w.ndim != len(caffe_shape) or any(s is not None and s != d for s, d in zip(caffe_shape, w.shape)):
+            want = tuple("N" if s is None else s for s in caffe_shape)
+            raise ValueError(f"{path}: not bvlc_alexnet: layer {layer.name!r} weights are {w.shape}, AlexNet's "
+                             f"{name} are {want} ({'out×in' if name.startswith('fc') else 'out×in/group×H×W'})")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"{path}: layer {layer.name!r} bias is {b.shape}, expected ({w.shape[0]},)")
+        if name.startswith("conv"):
+            w = w.transpose(2, 3, 1, 0)           # out×in×H×W → H×W×in×out
+        elif name == "fc6":                       # columns (c, h, w) → rows (h, w, c), as caffe-tensorflow does
+            w = w.reshape(-1, 256, 6, 6).transpose(2, 3, 1, 0).reshape(9216, -1)
+        else:
+            w = w.T                               # out×in → in×out
+        layers[name] = (w, b)
+    if prototxt is not None:
+        check_prototxt(prototxt, num_classes=layers["fc8"][0].shape[1])
+    return layers
+
+
+def check_prototxt(path: str | Path, *, num_classes: int) -> None:
+    """deploy.prototxt describes the net the import builds: AlexNet's layers and settings, a
+    227×227 input and fc8's width. Raises ValueError saying where it differs."""
+    net = caffe_proto.parse_prototxt(path)
+    fc8 = check_alexnet(caffe_proto.read_net(net, path), path)["fc8"]
+    if fc8.params["num_output"] != num_classes:
+        raise ValueError(f"{path}: {fc8.name!r} has num_output {fc8.params['num_output']}, the weights have "
+                         f"{num_classes} classes: not the prototxt of these weights")
+    shape = caffe_proto.input_shape(net)
+    size = CAFFE.model.input_size
+    if shape is not None and tuple(shape[-3:]) != (3, size, size):
+        raise ValueError(f"{path}: the input is {'×'.join(map(str, shape))}, where the import assumes "
+                         f"N×3×{size}×{size} (Caffe's crops)")
 
 
 def read_npy(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -89,8 +217,22 @@ def read_npy(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def read_weights(path: str | Path, prototxt: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Either file, told apart by its first bytes (a .npy starts with \\x93NUMPY)."""
+    try:
+        is_npy = _is_npy(Path(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no file at {path}") from None
+    if is_npy:
+        if prototxt is not None:
+            raise ValueError(f"--prototxt checks a .caffemodel; {path} is the ports' .npy (its layer settings "
+                             f"are not in the file)")
+        return read_npy(path)
+    return read_caffemodel(path, prototxt)
+
+
 def caffe_state_dict(layers: Mapping[str, tuple[np.ndarray, np.ndarray]], *, dropout: float = 0.5) -> dict:
-    """The file's arrays as our state_dict (see the module docstring for each step)."""
+    """The file's arrays (the ports' layout) as our state_dict (see the module docstring for each step)."""
     state = {}
     for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         w, b = layers[name]
@@ -108,56 +250,93 @@ def caffe_state_dict(layers: Mapping[str, tuple[np.ndarray, np.ndarray]], *, dro
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
 
 
+def caffe_net(weights: str | Path, *, prototxt: str | Path | None = None) -> tuple[AlexNet, RunConfig, dict]:
+    """The imported net (eval mode), its config (CAFFE with fc8's width) and where it came from."""
+    weights = Path(weights)
+    layers = read_weights(weights, prototxt)
+    num_classes = layers["fc8"][0].shape[1]
+    config = dataclasses.replace(CAFFE, model=dataclasses.replace(CAFFE.model, num_classes=num_classes))
+    model = AlexNet(config.model)
+    model.load_state_dict(caffe_state_dict(layers, dropout=config.model.dropout))
+    sha1, sha256 = _digests(weights)
+    is_npy = _is_npy(weights)
+    source = {"weights": str(weights), "format": "npy" if is_npy else "caffemodel", "weights_sha1": sha1,
+              "weights_sha256": sha256, "prototxt": None if prototxt is None else str(prototxt),
+              # the .npy is a conversion: its bytes say nothing of which .caffemodel it came from
+              "bvlc_alexnet": None if is_npy else sha1 == BVLC_SHA1, "importer": "reproduction.caffe"}
+    return model.eval(), config, source
+
+
+def import_caffe(weights: str | Path, out: str | Path, *, mean: str | Path = SHARED_MEAN,
+                 prototxt: str | Path | None = None) -> tuple[AlexNet, dict]:
+    """Write `out` (our checkpoint) and `stats.npz` beside it; return the imported net and its source."""
+    out = Path(out)
+    rgb_mean = caffe_mean_rgb(mean)  # before the long read: a missing mean fails at once
+    model, config, source = caffe_net(weights, prototxt=prototxt)
+    source["mean"] = str(mean)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, {"model": model.state_dict(), "optimizer": None, "position": None,
+                          "config": config_dict(config), "epoch": 0, "source": source})
+    np.savez(out.parent / "stats.npz", mean=rgb_mean, rgb_cov=np.zeros((3, 3)), eigval=np.zeros(3),
+             eigvec=np.eye(3), count=0, source=f"caffe {Path(mean).name}, BGR reversed to RGB")
+    return model, source
+
+
 def caffe_mean_rgb(path: str | Path) -> np.ndarray:
     """Caffe's mean image (BGR, 0–255, 3×256×256) as float32 RGB."""
-    mean = np.load(path)
+    try:
+        mean = np.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no mean image at {path}: pass --mean (Caffe's python/caffe/imagenet/"
+                                f"ilsvrc_2012_mean.npy)") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a .npy array ({e})") from None
     if mean.shape != (3, 256, 256):
         raise ValueError(f"{path}: the mean image must be 3×256×256 (BGR), got {mean.shape}")
     return np.ascontiguousarray(mean[::-1], dtype=np.float32)
 
 
-def import_caffe(npy: str | Path, out: str | Path, *, mean: str | Path = SHARED_MEAN) -> AlexNet:
-    """Write `out` (our checkpoint) and `stats.npz` beside it; return the imported net."""
-    npy, out = Path(npy), Path(out)
-    layers = read_npy(npy)
-    num_classes = layers["fc8"][0].shape[1]
-    config = dataclasses.replace(CAFFE, model=dataclasses.replace(CAFFE.model, num_classes=num_classes))
-    model = AlexNet(config.model)
-    model.load_state_dict(caffe_state_dict(layers, dropout=config.model.dropout))
-    rgb_mean = caffe_mean_rgb(mean)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, {"model": model.state_dict(), "optimizer": None, "position": None,
-                          "config": config_dict(config), "epoch": 0,
-                          "source": {"weights": str(npy), "weights_sha256": _sha256(npy),
-                                     "mean": str(mean), "importer": "reproduction.caffe"}})
-    np.savez(out.parent / "stats.npz", mean=rgb_mean, rgb_cov=np.zeros((3, 3)), eigval=np.zeros(3),
-             eigvec=np.eye(3), count=0, source=f"caffe {Path(mean).name}, BGR reversed to RGB")
-    return model
+def _is_npy(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _digests(path: Path) -> tuple[str, str]:
+    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            sha1.update(block)
+            sha256.update(block)
+    return sha1.hexdigest(), sha256.hexdigest()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction.caffe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("npy", type=Path, help="bvlc_alexnet.npy (the TensorFlow ports' dictionary)")
+    parser.add_argument("weights", type=Path, metavar="WEIGHTS",
+                        help="bvlc_alexnet.caffemodel (BVLC's file) or bvlc_alexnet.npy (the TensorFlow ports')")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write (stats.npz goes beside it)")
+    parser.add_argument("--prototxt", type=Path,
+                        help="deploy.prototxt: check its layers, LRN/pooling settings and input size against "
+                             "what the import assumes (.caffemodel only)")
     parser.add_argument("--mean", type=Path, default=SHARED_MEAN,
                         help="Caffe's ilsvrc_2012_mean.npy (default %(default)s)")
     args = parser.parse_args(argv)
+    print(f"reading {args.weights} ...", flush=True)
     try:
-        model = import_caffe(args.npy, args.out, mean=args.mean)
+        model, source = import_caffe(args.weights, args.out, mean=args.mean, prototxt=args.prototxt)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.npy} -> {args.out} ({model.config.num_classes} classes, 227×227 RGB input, LRN k=1, "
-          f"fc7/fc8 weights ×2 for §4.2 dropout) and {args.out.parent / 'stats.npz'} (Caffe's mean, RGB)")
+        raise UserError(f"{e}") from None
+    known = {True: f"BVLC's bvlc_alexnet.caffemodel (sha1 {BVLC_SHA1})", None: "a .npy conversion",
+             False: f"not BVLC's own file (sha1 {source['weights_sha1']})"}[source["bvlc_alexnet"]]
+    checked = f", layers checked against {args.prototxt}" if args.prototxt else ""
+    print(f"{args.weights} ({known}{checked}) -> {args.out} ({model.config.num_classes} classes, 227×227 RGB "
+          f"input, LRN k=1, fc7/fc8 weights ×2 for §4.2 dropout) and {args.out.parent / 'stats.npz'} "
+          f"(Caffe's mean, RGB)")
     return 0
 
 

@@ -1,14 +1,20 @@
 """Importing Caffe's bvlc_alexnet (reproduction/caffe.py), checked layer by layer against
-computations in the file's own layout: HWIO kernels, BGR input, NHWC flatten, inverted dropout."""
+computations in the file's own layout: HWIO kernels, BGR input, NHWC flatten, inverted dropout
+(the ports' .npy); and the .caffemodel route, on files written by tests/caffe_wire.py (an
+independent protobuf wire encoder) in both layer formats, against the .npy route and against
+Caffe's net computed in Caffe's own layout (OIHW, BGR, NCHW flatten)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reproduction.caffe import SHAPES, caffe_mean_rgb, main, read_npy
+import caffe_wire
+from reproduction.caffe import SHAPES, caffe_mean_rgb, check_prototxt, main, read_npy
 from reproduction.data import load_stats
 from reproduction.runs import load_checkpoint, model_from_checkpoint
 
@@ -179,3 +185,214 @@ def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="conv2 weights"):
         read_npy(tmp_path / "swapped.npy")
     assert main([str(tmp_path / "absent.npy"), "--out", str(tmp_path / "c.pt")]) == 2
+
+
+# ------------------------------------------------------------------------ the .caffemodel route
+
+@pytest.fixture(scope="module")
+def caffemodels(tmp_path_factory):
+    """Random Caffe-layout weights of bvlc_alexnet's shapes, written as a V1-format .caffemodel
+    (legacy 4-D blob dims, as bvlc's own file), a current-format one (shape{dim}), and the .npy
+    caffe-tensorflow would make of them; each imported with main()."""
+    root = tmp_path_factory.mktemp("caffemodel")
+    blobs = caffe_wire.caffe_blobs(seed=4)
+    mean = np.stack([np.full((256, 256), v) for v in (104.0, 117.0, 123.0)])
+    np.save(root / "mean.npy", mean)
+    np.save(root / "ports.npy", {k.encode(): v for k, v in caffe_wire.ports_layout(blobs).items()}, allow_pickle=True)
+    (root / "deploy.prototxt").write_text(DEPLOY)
+    files = {"v1": root / "v1.caffemodel", "current": root / "current.caffemodel", "npy": root / "ports.npy"}
+    caffe_wire.write_caffemodel(files["v1"], blobs, v1=True)
+    caffe_wire.write_caffemodel(files["current"], blobs, v1=False)
+    nets, sources = {}, {}
+    for kind, path in files.items():
+        extra = ["--prototxt", str(root / "deploy.prototxt")] if kind == "current" else []
+        assert main([str(path), "--out", str(root / kind / "checkpoint.pt"), "--mean", str(root / "mean.npy"),
+                     *extra]) == 0
+        state = load_checkpoint(root / kind / "checkpoint.pt")
+        nets[kind] = model_from_checkpoint(state)[0].eval()
+        sources[kind] = state["source"] | {"sha1_here": hashlib.sha1(path.read_bytes()).hexdigest()}
+    for kind in ("v1", "current"):
+        files[kind].unlink()  # 244 MB each
+    return blobs, nets, sources
+
+
+def test_every_layer_lands_where_the_npy_import_puts_it(caffemodels):
+    _, nets, _ = caffemodels
+    ref = nets["npy"].state_dict()
+    for kind in ("v1", "current"):
+        state = nets[kind].state_dict()
+        assert state.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(state[k], ref[k]), (kind, k)
+
+
+def test_caffe_blobs_arrive_unchanged_but_for_bgr_and_dropout(caffemodels):
+    """Composed, the two layout changes cancel: Caffe's OIHW kernels and its NCHW-flattened fc6
+    are our layout already; conv1's input maps go BGR → RGB, fc7/fc8 ×2 (§4.2's test-time ×0.5)."""
+    blobs, nets, _ = caffemodels
+    state = nets["v1"].state_dict()
+    for name, (w, b) in blobs.items():
+        expected = {"conv1": w[:, ::-1], "fc7": 2 * w, "fc8": 2 * w}.get(name, w)
+        assert torch.equal(state[f"{name}.weight"], torch.from_numpy(np.ascontiguousarray(expected))), name
+        assert torch.equal(state[f"{name}.bias"], torch.from_numpy(b)), name
+
+
+def caffe_nchw_reference(blobs: dict, x_bgr: torch.Tensor) -> torch.Tensor:
+    """Caffe's deploy net in Caffe's own layout: N×3×227×227 BGR, OIHW kernels with groups, LRN
+    across all maps (window 5, 1 + 2e-5·Σx²), max-pool 3/2, NCHW flatten, dropout = identity."""
+    t = {k: (torch.from_numpy(w).double(), torch.from_numpy(b).double()) for k, (w, b) in blobs.items()}
+
+    def conv(h, name):
+        c = caffe_wire.CONV[name]
+        return torch.relu(F.conv2d(h, *t[name], stride=c["s"], padding=c["p"], groups=c["g"]))
+
+    def lrn(h):
+        sq = F.pad(h * h, (0, 0, 0, 0, 2, 2))
+        s = sum(sq[:, i:i + h.shape[1]] for i in range(5))
+        return h / (1.0 + 1e-4 / 5 * s) ** 0.75
+
+    pool = lambda h: F.max_pool2d(h, 3, 2)
+    h = pool(lrn(conv(x_bgr.double(), "conv1")))
+    h = pool(lrn(conv(h, "conv2")))
+    h = pool(conv(conv(conv(h, "conv3"), "conv4"), "conv5")).flatten(1)
+    h = torch.relu(F.linear(h, *t["fc6"]))
+    h = torch.relu(F.linear(h, *t["fc7"]))
+    return F.linear(h, *t["fc8"])
+
+
+def test_logits_are_caffes_and_the_npy_routes(caffemodels):
+    blobs, nets, _ = caffemodels
+    x = rgb_input(seed=5)
+    with torch.no_grad():
+        ours = {kind: net(x) for kind, net in nets.items()}
+    ref = caffe_nchw_reference(blobs, x.flip(1))
+    assert ref.std() > 1.0
+    torch.testing.assert_close(ours["v1"].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert torch.equal(ours["v1"], ours["npy"]) and torch.equal(ours["current"], ours["npy"])
+
+
+def test_the_checkpoint_says_where_it_came_from(caffemodels):
+    _, _, sources = caffemodels
+    for kind in ("v1", "current"):
+        s = sources[kind]
+        assert s["format"] == "caffemodel" and s["weights_sha1"] == s["sha1_here"]
+        assert s["bvlc_alexnet"] is False  # random weights: not BVLC's sha1
+    assert sources["current"]["prototxt"].endswith("deploy.prototxt")
+    assert sources["npy"]["format"] == "npy" and sources["npy"]["bvlc_alexnet"] is None
+
+
+def small_blobs(**shapes) -> dict:
+    """Blobs too small for AlexNet: the layer-list checks come before the blob checks."""
+    blobs = {name: (np.zeros(1, np.float32), np.zeros(1, np.float32)) for name in caffe_wire.SHAPES}
+    blobs["fc8"] = (np.zeros(1, np.float32), np.zeros(1000, np.float32))
+    return blobs | {k: (np.zeros(v, np.float32), np.zeros(v[0], np.float32)) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["v1", "current"])
+@pytest.mark.parametrize("variant, message", [
+    ({"caffenet_order": True}, "layer #3 'pool1' is Pooling where AlexNet has norm1 (LRN) (pooling before "
+                               "normalisation is bvlc_reference_caffenet's order"),
+    ({"lrn_alpha": 1e-3}, "layer #3 'norm1' (LRN) has alpha 0.001"),
+    ({"conv2_group": 1}, "layer #5 'conv2' (Convolution) has group 1, where the import assumes 2"),
+])
+def test_a_net_that_is_not_alexnet_is_refused_at_its_first_difference(tmp_path, capsys, v1, variant, message):
+    caffe_wire.write_caffemodel(tmp_path / "net.caffemodel", small_blobs(), v1=v1, **variant)
+    assert main([str(tmp_path / "net.caffemodel"), "--out", str(tmp_path / "c.pt"),
+                 "--mean", str(SHARED_MEAN_STAND_IN(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not bvlc_alexnet" in err and message in err, err
+    assert not (tmp_path / "c.pt").exists()
+
+
+def SHARED_MEAN_STAND_IN(folder):
+    np.save(folder / "mean.npy", np.zeros((3, 256, 256)))
+    return folder / "mean.npy"
+
+
+def test_other_layers_and_shapes_are_refused(tmp_path, capsys):
+    layers = caffe_wire.alexnet_layers(small_blobs())
+    bn = [("conv1", *layers[1][1:]), ("bn1", "BatchNorm", {})] + layers[2:]
+    (tmp_path / "bn.caffemodel").write_bytes(caffe_wire.net_message([layers[0]] + bn, v1=False))
+    wrong = small_blobs(conv1=(96, 1, 11, 11))  # a grey-input net
+    caffe_wire.write_caffemodel(tmp_path / "shape.caffemodel", wrong, v1=True)
+    (tmp_path / "deploy.prototxt").write_text(DEPLOY)
+    mean = str(SHARED_MEAN_STAND_IN(tmp_path))
+    for name, expected in [("bn.caffemodel", "layer #2 'bn1' is BatchNorm where AlexNet has relu1 (ReLU)"),
+                           ("shape.caffemodel", "layer 'conv1' weights are (96, 1, 11, 11), AlexNet's conv1 "
+                                                "are (96, 3, 11, 11)"),
+                           ("deploy.prototxt", "not a Caffe NetParameter in binary protobuf form")]:
+        assert main([str(tmp_path / name), "--out", str(tmp_path / "c.pt"), "--mean", mean]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+
+
+# bvlc_alexnet's deploy.prototxt as BVLC's model zoo ships it (current format), abridged to what
+# matters: the same layers, settings and the input size; param/filler blocks are skipped.
+DEPLOY = """name: "AlexNet"
+layer { name: "data" type: "Input" top: "data" input_param { shape: { dim: 10 dim: 3 dim: 227 dim: 227 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  convolution_param { num_output: 96 kernel_size: 11 stride: 4 weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "norm1" type: "LRN" bottom: "conv1" top: "norm1" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 } }
+layer { name: "pool1" type: "Pooling" bottom: "norm1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 256 pad: 2 kernel_size: 5 group: 2 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "norm2" type: "LRN" bottom: "conv2" top: "norm2" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 } }
+layer { name: "pool2" type: "Pooling" bottom: "norm2" top: "pool2" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "conv3" type: "Convolution" bottom: "pool2" top: "conv3" convolution_param { num_output: 384 pad: 1 kernel_size: 3 } }
+layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
+layer { name: "conv4" type: "Convolution" bottom: "conv3" top: "conv4"
+  convolution_param { num_output: 384 pad: 1 kernel_size: 3 group: 2 } }
+layer { name: "relu4" type: "ReLU" bottom: "conv4" top: "conv4" }
+layer { name: "conv5" type: "Convolution" bottom: "conv4" top: "conv5"
+  convolution_param { num_output: 256 pad: 1 kernel_size: 3 group: 2 } }
+layer { name: "relu5" type: "ReLU" bottom: "conv5" top: "conv5" }
+layer { name: "pool5" type: "Pooling" bottom: "conv5" top: "pool5" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "fc6" type: "InnerProduct" bottom: "pool5" top: "fc6" inner_product_param { num_output: 4096 } }
+layer { name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" }
+layer { name: "drop6" type: "Dropout" bottom: "fc6" top: "fc6" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "fc7" type: "InnerProduct" bottom: "fc6" top: "fc7" inner_product_param { num_output: 4096 } }
+layer { name: "relu7" type: "ReLU" bottom: "fc7" top: "fc7" }
+layer { name: "drop7" type: "Dropout" bottom: "fc7" top: "fc7" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "fc8" type: "InnerProduct" bottom: "fc7" top: "fc8" inner_product_param { num_output: 1000 } }
+layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
+"""
+
+
+def v1_deploy(text: str) -> str:
+    """The same net in the V1 text format of 2014's files: `layers`, enum types, input_dim."""
+    types = {'"Convolution"': "CONVOLUTION", '"ReLU"': "RELU", '"LRN"': "LRN", '"Pooling"': "POOLING",
+             '"InnerProduct"': "INNER_PRODUCT", '"Dropout"': "DROPOUT", '"Softmax"': "SOFTMAX"}
+    lines = text.splitlines()
+    out = [lines[0], 'input: "data"', *(f"input_dim: {d}" for d in (10, 3, 227, 227))]
+    for line in lines[2:]:
+        line = line.replace("layer {", "layers {").replace("param { lr_mult: 1 decay_mult: 1 } "
+                                                         "param { lr_mult: 2 decay_mult: 0 }", "blobs_lr: 1 blobs_lr: 2")
+        for new, old in types.items():
+            line = line.replace(f"type: {new}", f"type: {old}")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_the_deploy_prototxt_is_checked_in_both_formats(tmp_path):
+    for name, text in [("current", DEPLOY), ("v1", v1_deploy(DEPLOY))]:
+        (tmp_path / name).write_text(text)
+        check_prototxt(tmp_path / name, num_classes=1000)
+    bad = {  # what the prototxt says → how the refusal names it
+        "group: 2 } }\nlayer { name: \"relu4\"": ("group: 1 } }\nlayer { name: \"relu4\"",
+                                                "'conv4' (Convolution) has group 1, where the import assumes 2"),
+        "norm2\" lrn_param { local_size: 5 alpha: 0.0001": ("norm2\" lrn_param { local_size: 5 alpha: 0.0002",
+                                                          "'norm2' (LRN) has alpha 0.0002"),
+        "dim: 227 dim: 227": ("dim: 224 dim: 224", "the input is 10×3×224×224, where the import assumes N×3×227×227"),
+        "num_output: 1000": ("num_output: 10", "'fc8' has num_output 10, the weights have 1000 classes"),
+    }
+    for old, (new, message) in bad.items():
+        assert old in DEPLOY
+        (tmp_path / "bad").write_text(DEPLOY.replace(old, new))
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_prototxt(tmp_path / "bad", num_classes=1000)
+    (tmp_path / "garbage").write_text("layer { name: conv1 }}")
+    with pytest.raises(ValueError, match="not a Caffe net definition in protobuf text format"):
+        check_prototxt(tmp_path / "garbage", num_classes=1000)
