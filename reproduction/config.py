@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")  # Fig. 2's weight layers
+MIDDLE_CONV = ("conv2", "conv3", "conv4")  # §7: "removing any of the middle layers" costs ~2% top-1
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class AlexNetConfig:
     dropout: float = 0.5       # §4.2: drop probability on the outputs of fc6 and fc7
     init_std: float = 0.01     # §5: every weight ~ N(0, 0.01)
     init_bias: float = 1.0     # §5: the bias of conv2, conv4, conv5, fc6, fc7 (all others 0)
+    conv6: bool = False        # §6, Table 2's "1 CNN*": an extra sixth conv layer over pool5 (sizes: model.py)
+    remove_conv: str = "none"  # §7's depth claim: "none" | "conv2" | "conv3" | "conv4", the middle conv layer left out
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -57,6 +60,8 @@ class AlexNetConfig:
         _require(self, "dropout", 0 <= self.dropout < 1, "a probability in [0, 1)")
         _require(self, "init_std", math.isfinite(self.init_std) and self.init_std > 0, "a number > 0")
         _require(self, "init_bias", math.isfinite(self.init_bias), "a finite number")
+        _require(self, "remove_conv", self.remove_conv in ("none", *MIDDLE_CONV),
+                 "'none' or one of the middle conv layers " + ", ".join(MIDDLE_CONV) + " (§7)")
 
 
 
@@ -155,6 +160,13 @@ def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
 PAPER = AlexNetConfig()  # the paper's net; ablations are dataclasses.replace(PAPER, ...)
 
 
+def weight_layers(config: AlexNetConfig) -> tuple[str, ...]:
+    """The weight layers a config's net has, input to output: Fig. 2's eight, less the removed
+    middle conv layer (§7), plus conv6 after conv5 (Table 2's 1 CNN*)."""
+    convs = [n for n in LAYERS[:5] if n != config.remove_conv] + (["conv6"] if config.conv6 else [])
+    return (*convs, *LAYERS[5:])
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How images become the net's input (§2, §4.1); read by reproduction/data.py.
@@ -212,8 +224,8 @@ class TrainConfig:
         _require(self, "drop_epochs", list(self.drop_epochs) == sorted(set(self.drop_epochs))
                  and all(e >= 1 for e in self.drop_epochs), "increasing epochs >= 1, e.g. (30, 60, 80)")
         _require(self, "precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'")
-        _require(self, "freeze", set(self.freeze) <= set(LAYERS),
-                 f"a tuple of layer names from {', '.join(LAYERS)}")
+        _require(self, "freeze", set(self.freeze) <= {*LAYERS, "conv6"},
+                 f"a tuple of layer names from {', '.join(LAYERS)} (and conv6 where the net has it)")
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reproduction import lrn_triton
-from reproduction.config import LAYERS, PAPER, AlexNetConfig, override
+from reproduction.config import PAPER, AlexNetConfig, override, weight_layers
 
 TOWER_NAMES = "ab"  # tower A (the first GPU) and tower B (the second)
-BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5
+BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "conv6", "fc6", "fc7")  # §5; conv6 as its siblings conv4, conv5
 
 
 class Towers(nn.Module):
@@ -203,16 +203,30 @@ class AlexNet(nn.Module):
         if not isinstance(c, AlexNetConfig):
             raise TypeError(f"config must be an AlexNetConfig, got {type(c).__name__}")
         t = c.towers  # the one-tower net halves conv1-conv4 only (§3.2, footnote)
+        self.layer_names = weight_layers(c)
+        has = set(self.layer_names)
         self.conv1 = TowerConv2d(c.in_channels, 48 * t, 11, stride=4, towers=t, cross=True)  # 96×55×55: 96 kernels 11×11×3, stride 4
         self.lrn1 = _lrn(c)                                                      # 96×55×55, §3.3
         self.pool1 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 96×27×27, §3.4
-        self.conv2 = TowerConv2d(48, 128 * t, 5, padding=2, towers=t)            # 256×27×27: 256 kernels 5×5×48
-        self.lrn2 = _lrn(c)                                                      # 256×27×27
+        self.conv2 = TowerConv2d(48, 128 * t, 5, padding=2, towers=t) if "conv2" in has else None  # 256×27×27: 256 kernels 5×5×48
+        self.lrn2 = _lrn(c) if "conv2" in has else None                          # 256×27×27
         self.pool2 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 256×13×13
-        self.conv3 = TowerConv2d(128 * t, 192 * t, 3, padding=1, towers=t, cross=True)  # 384×13×13: 384 kernels 3×3×256
-        self.conv4 = TowerConv2d(192, 192 * t, 3, padding=1, towers=t)           # 384×13×13: 384 kernels 3×3×192
+        # §7's depth ablation: a removed middle layer's successor reads what the removed layer
+        # read. DEVIATION(§7): the paper names no sizes. Without conv2, pool2 still follows pool1
+        # (so conv3 reads 96 maps at 13×13 and fc6 keeps its 9216 inputs); without conv3, conv4
+        # reads pool2's 256 maps and takes over conv3's crossing of the towers (§3.2's
+        # communication kept); without conv4, conv5 reads conv3's 192 maps per tower as before.
+        c3_in = (128 if "conv2" in has else 48) * t
+        self.conv3 = TowerConv2d(c3_in, 192 * t, 3, padding=1, towers=t, cross=True) if "conv3" in has else None  # 384×13×13: 384 kernels 3×3×256
+        self.conv4 = (TowerConv2d(192, 192 * t, 3, padding=1, towers=t) if "conv3" in has      # 384×13×13: 384 kernels 3×3×192
+                      else TowerConv2d(128 * t, 192 * t, 3, padding=1, towers=t, cross=True)) if "conv4" in has else None
         self.conv5 = TowerConv2d(192, 256, 3, padding=1, towers=t)               # 256×13×13: 256 kernels 3×3×192
         self.pool5 = nn.MaxPool2d(c.pool_kernel, stride=2)                       # 256×6×6
+        # DEVIATION(§6): Table 2's 1 CNN* adds "an extra sixth convolutional layer over the last
+        # pooling layer" without its sizes. Chosen: 256 kernels 3×3, padding 1, each tower from its
+        # own maps (as conv4, conv5), bias 1 (as conv4, conv5), no pooling after it: 256×6×6
+        # in and out, so fc6 is unchanged.
+        self.conv6 = TowerConv2d(256 // t, 256, 3, padding=1, towers=t) if c.conv6 else None  # 256×6×6: 256 kernels 3×3×128
         self.fc6 = TowerLinear(256 * 6 * 6, 4096, towers=t)                      # 4096
         self.drop6 = Dropout(c.dropout)                                          # §4.2
         self.fc7 = TowerLinear(4096, 4096, towers=t)                             # 4096
@@ -233,12 +247,17 @@ class AlexNet(nn.Module):
         h = self.conv1([x])                             # 96×55×55, as 2 towers × 48
         h = self.normalise(each(h, self.act), self.lrn1)  # 96×55×55: ReLU, then LRN (§3.3)
         h = each(h, self.pool1)                         # 96×27×27
-        h = self.conv2(h)                               # 256×27×27, each tower from its own 48 maps
-        h = self.normalise(each(h, self.act), self.lrn2)  # 256×27×27
+        if self.conv2 is not None:                      # (§7's depth ablation may leave out conv2, conv3 or conv4)
+            h = self.conv2(h)                           # 256×27×27, each tower from its own 48 maps
+            h = self.normalise(each(h, self.act), self.lrn2)  # 256×27×27
         h = each(h, self.pool2)                         # 256×13×13
-        h = each(self.conv3(h), self.act)               # 384×13×13, from all 256 maps of both towers
-        h = each(self.conv4(h), self.act)               # 384×13×13, each tower from its own 192
+        if self.conv3 is not None:
+            h = each(self.conv3(h), self.act)           # 384×13×13, from all 256 maps of both towers
+        if self.conv4 is not None:
+            h = each(self.conv4(h), self.act)           # 384×13×13, each tower from its own 192
         h = each(self.conv5(h), self.act, self.pool5)   # 256×6×6, each tower from its own 192
+        if self.conv6 is not None:
+            h = each(self.conv6(h), self.act)           # 256×6×6, Table 2's sixth conv layer over pool5
         h = [torch.flatten(x, 1) for x in h]            # 9216 = 256·6·6
         h = each(self.fc6(h), self.act, self.drop6)     # 4096, from both towers
         h = each(self.fc7(h), self.act, self.drop7)     # 4096
@@ -266,7 +285,7 @@ class AlexNet(nn.Module):
         if len(devices) not in (1, self.config.towers):
             raise ValueError(f"{len(devices)} devices for a net of {self.config.towers} tower(s): "
                              f"give one device, or one per tower")
-        for name in LAYERS:
+        for name in self.layer_names:
             layer = getattr(self, name)
             for t in range(layer.towers):
                 d = devices[t % len(devices)]
@@ -309,7 +328,7 @@ def paper_init(model: AlexNet) -> None:
     """
     c = model.config
     with torch.no_grad():
-        for name in LAYERS:
+        for name in model.layer_names:
             layer = getattr(model, name)
             for weight, bias in zip(layer.parts("weight"), layer.parts("bias")):
                 weight.normal_(0.0, c.init_std)
@@ -365,8 +384,8 @@ def layer_table(model: AlexNet) -> list[dict]:
                 row["macs"] = sum(o[0].numel() * w[0].numel() for o, w in zip(outs, module.parts("weight")))
         return hook
 
-    names = ["conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5",
-             "pool5", "fc6", "fc7", "fc8"]
+    names = [n for n in ("conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5",
+                         "pool5", "conv6", "fc6", "fc7", "fc8") if getattr(model, n) is not None]
     handles = [getattr(model, n).register_forward_hook(record(n)) for n in names]
     try:
         was_training = model.training

@@ -381,3 +381,73 @@ def test_bad_inputs_raise_before_any_layer(x, match):
     with pytest.raises((ValueError, TypeError), match=match):
         model(x)
     assert not ran
+
+
+# --- depth variants: Table 2's sixth conv layer (§6), a middle conv layer removed (§7) ----------
+
+# Counted by hand from the kernel shapes chosen in model.py (DEVIATION(§6), DEVIATION(§7)).
+CONV6 = 256 * 128 * 3 * 3 + 256                   # 295,168: 256 kernels 3×3×128, own tower
+DEPTH = {
+    "conv6": (dataclasses.replace(PAPER, conv6=True), 60_965_224 + CONV6,
+              {"conv5": (256, 13, 13), "pool5": (256, 6, 6), "conv6": (256, 6, 6), "fc6": (4096,)}),
+    # conv3 then reads pool1→pool2's 96 maps: 384×96×3×3 instead of 384×256×3×3.
+    "no_conv2": (dataclasses.replace(PAPER, remove_conv="conv2"),
+                 60_965_224 - 307_456 - 885_120 + (384 * 96 * 9 + 384),
+                 {"pool2": (96, 13, 13), "conv3": (384, 13, 13)}),
+    # conv4 reads pool2's 256 maps from both towers: conv3's kernel shape, 384×256×3×3.
+    "no_conv3": (dataclasses.replace(PAPER, remove_conv="conv3"), 60_965_224 - 663_936,
+                 {"pool2": (256, 13, 13), "conv4": (384, 13, 13)}),
+    # conv5 reads conv3's 192 maps per tower, as it read conv4's.
+    "no_conv4": (dataclasses.replace(PAPER, remove_conv="conv4"), 60_965_224 - 663_936,
+                 {"conv3": (384, 13, 13), "conv5": (256, 13, 13)}),
+}
+
+
+@pytest.mark.parametrize("name", DEPTH)
+def test_depth_variants_shapes_counts_and_gradients(name):
+    config, total, shapes = DEPTH[name]
+    torch.manual_seed(0)
+    model = AlexNet(config).train()
+    table = {row["layer"]: row for row in layer_table(model)}
+    assert {k: table[k]["shape"] for k in shapes} == shapes
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(row["params"] for row in table.values()) == total
+    removed = {"conv2", "conv3", "conv4"} - set(model.layer_names)
+    assert removed == ({config.remove_conv} if config.remove_conv != "none" else set())
+    assert not any(k.split(".")[0] in removed for k in model.state_dict())
+    assert ("conv6.weight" in model.state_dict()) == config.conv6
+    if config.conv6:  # §5's rule extended to conv6 as to its siblings conv4, conv5: bias 1
+        assert torch.all(model.conv6.bias_a == 1) and table["conv6"]["split"] == "128 + 128"
+    loss = F.cross_entropy(model(batch(2)), torch.tensor([3, 999]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    # Placement-independent state_dict, as for the paper's net.
+    split = AlexNet(config, devices=("cpu", "cpu")).eval()
+    split.load_state_dict(model.state_dict())
+    assert torch.allclose(split(batch(1)), model.eval()(batch(1)), rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuning_carries_the_sixth_layer(tmp_path):
+    """Table 2's 1 CNN*: pre-trained with conv6 on another class set, then fine-tuned (--init-from
+    takes the architecture from the checkpoint, load_pretrained copies every layer but fc8)."""
+    from reproduction import runs
+    from reproduction.config import RunConfig, override
+    from reproduction.train import load_pretrained
+    source = override(RunConfig(), {"conv6": True, "num_classes": 7})
+    torch.manual_seed(1)
+    pre = AlexNet(source.model)
+    path = tmp_path / "pre.pt"
+    runs.save_checkpoint(path, {"model": pre.state_dict(), "config": runs.config_dict(source), "epoch": 0})
+    torch.manual_seed(2)
+    tuned = AlexNet(override(source.model, {"num_classes": 4}))
+    note = load_pretrained(tuned, path)
+    assert "fc8 re-initialised" in note
+    assert torch.equal(tuned.state_dict()["conv6.weight"], pre.state_dict()["conv6.weight"])
+    with pytest.raises(Exception, match="does not fit"):  # a net without conv6 cannot take it
+        load_pretrained(AlexNet(dataclasses.replace(PAPER, num_classes=4)), path)
+
+
+def test_remove_conv_accepts_only_middle_layers():
+    with pytest.raises(ValueError, match="middle conv layers"):
+        dataclasses.replace(PAPER, remove_conv="conv5")
