@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from reproduction.errors import UserError, reading, run_cli, sigterm_as_interrupt
+
 from . import image, sources
 from .pack import Options, PrepError, prepare
 
@@ -113,6 +115,10 @@ def make_source(args: argparse.Namespace) -> sources.Source:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prefix="data_prep: error")
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         opts = Options(quality=args.quality, resample=args.resample, workers=args.workers,
@@ -123,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                        constants=args.constants,
                        strict_counts=args.strict_counts, hash_sources=not args.no_hash,
                        keep_work=args.keep_work)
-        source = make_source(args)
-        manifest = prepare(source, args.out, opts, source_arg=str(args.path), force=args.force)
+        with reading(args.path, f"{args.source} source",
+                     f"see python -m data_prep {args.source} --help for the layout it reads"):
+            source = make_source(args)
+        with sigterm_as_interrupt():  # SIGTERM (schedulers, timeout) ends a prep as Ctrl-C does
+            manifest = prepare(source, args.out, opts, source_arg=str(args.path), force=args.force)
     except (ValueError, sources.SourceError, PrepError) as e:
-        print(f"data_prep: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"data_prep: interrupted; the finished chunks are kept in {args.out / '.partial'}: rerun the "
+              "same command to resume", file=sys.stderr)
+        return 130
     print_summary(manifest, args.out)
     return 0
 

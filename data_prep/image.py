@@ -19,6 +19,10 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 PAPER_SIZE = 256  # §2: shorter side to 256, then the central 256×256 patch
+# The rescale makes the long side 256·aspect pixels before the crop: a 1×20000 PNG of 164 bytes
+# would become 256×5,120,000 (3.9 GB). Images longer than this many times their width (or the
+# reverse) are skipped and listed; the bound keeps one rescale under 256×16384×3 = 12.6 MB.
+MAX_ASPECT = 64
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,11 @@ def convert(data: bytes | np.ndarray, *, native_size: int | None, quality: int,
     except BadImage as e:
         return Converted(None, None, skip_reason=str(e))
     converted_from = None if (fmt, mode) == ("JPEG", "RGB") else f"{fmt} {mode}"
+    w, h = rgb.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return Converted(None, None, skip_reason=(
+            f"aspect ratio {w}x{h} is beyond {MAX_ASPECT}:1 (its §2 rescale would be "
+            f"{PAPER_SIZE}x{round(max(w, h) * PAPER_SIZE / max(min(w, h), 1)):,} pixels)"))
     target = native_size or PAPER_SIZE
     if native_size is not None:
         # DEVIATION(§2): sets of S×S images with S < 256 are stored unscaled; the loader

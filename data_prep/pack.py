@@ -16,9 +16,13 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import islice
@@ -97,6 +101,8 @@ def process_chunk(task: ChunkTask) -> dict:
     for name, label, data, skip in task.items:
         if skip is None and ("\n" in name or "\r" in name):
             skip = "name contains a line break (names.txt holds one name per line)"
+        if not _utf8(name):  # names.txt and the manifest are UTF-8; listed with its bytes escaped
+            name, skip = _printable(name), skip or "file name is not valid UTF-8"
         if skip is None:
             out = image.convert(data, native_size=task.native_size, quality=task.quality,
                                 resample=task.resample)
@@ -127,6 +133,29 @@ def process_chunk(task: ChunkTask) -> dict:
               "seconds": round(time.perf_counter() - start, 3)}
     _atomic_write(task.work / f"{task.cid}.json", lambda f: f.write(json.dumps(marker).encode()))
     return marker
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a name os.fsdecode carried as lone surrogates
+        return False
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: only the parent acts on it (it terminates the
+    # pool). A worker killed mid-get would leave the pool's queue lock held and hang terminate().
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_worker)
+
+
+def _exit_worker(signum, frame):
+    raise SystemExit(0)  # unwinds, so the queue lock a waiting worker holds is released
 
 
 def _chunk_paths(work: Path, cid: str) -> tuple[Path, Path]:
@@ -355,15 +384,28 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
     out = Path(out)
     manifest_path, work = out / "manifest.json", out / WORK
     settings = _settings(source, opts, source_arg)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"--out {out} is a file, not a folder; give a folder for the prepared set")
     if manifest_path.is_file() and not force:
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            manifest["settings"], manifest["splits"], manifest["dataset"]
+        except (ValueError, KeyError, TypeError):
+            raise PrepError(f"{manifest_path} is not a data_prep manifest (unreadable, or without settings); "
+                            "use another --out, or --force to replace what is there") from None
         diff = _differing(manifest["settings"], settings)
         if diff:
             raise PrepError(f"{out} holds a complete set made with other settings ({', '.join(diff)}); "
                             "use another --out, or --force to redo it")
         print(f"{manifest_path} exists: the set is complete, nothing to do (--force redoes it)", file=sys.stderr)
         return manifest
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PrepError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
     if force:
         manifest_path.unlink(missing_ok=True)  # first, so a half-redone set never looks complete
         shutil.rmtree(work, ignore_errors=True)
@@ -371,14 +413,32 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
     classes = source.classes[: opts.num_classes] if opts.num_classes else source.classes
     hashes = _source_hashes(source, work, opts.hash_sources)
     t0 = time.perf_counter()
-    pool = multiprocessing.get_context().Pool(opts.workers) if opts.workers > 1 else None
+    pool = multiprocessing.get_context().Pool(opts.workers, initializer=_worker_init) if opts.workers > 1 else None
+    markers = {}
     try:
-        markers = {s: run_split(source, s, opts, work, pool, on_chunk) for s in source.splits}
+        for s in source.splits:
+            try:
+                markers[s] = run_split(source, s, opts, work, pool, on_chunk)
+            except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+                if isinstance(e, OSError) and str(out) in str(getattr(e, "filename", "") or ""):
+                    raise  # writing the output failed, not reading the source
+                raise PrepError(f"{source_arg or source.dataset}: reading the {s} split failed ({type(e).__name__}: "
+                                f"{e}); the source is truncated or damaged. Finished chunks are kept in {work}: "
+                                "rerun the same command once the source is whole") from None
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
     convert_seconds = time.perf_counter() - t0
+    stored = {s: sum(m["stored"] for m in markers[s]) for s in source.splits}
+    required = [s for s in source.splits if s in ("train", "val")]  # a held-out set's test may be empty
+    empty = [s for s in required if stored[s] == 0]
+    if empty:  # checked before anything final is written: a set with no val is no set
+        seen = {s: sum(m["records"] for m in markers[s]) for s in empty}
+        raise PrepError(f"{source_arg or source.dataset}: the {' and '.join(empty)} split(s) hold no images "
+                        f"({', '.join(f'{s}: {seen[s]} records, all skipped' if seen[s] else f'{s}: none found' for s in empty)}; "
+                        f"split origin {[source.split_origin.get(s, s) for s in empty]}); give a source with "
+                        "images in train and val (or --holdout N to carve val out of train)")
     splits, sums = {}, None
     for s in source.splits:
         splits[s], split_sums = assemble_split(out, work, s, markers[s], len(classes))

@@ -9,11 +9,14 @@ Fashion-MNIST), which `Source.split_origin` records. ILSVRC-2010 has a labelled 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import inspect
 import io
+import os
 import pickle
 import re
+import stat
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -208,7 +211,7 @@ def _ilsvrc_tree(root: Path, devkit: Path) -> Source:
     def records(split: str) -> Iterator[Record]:
         if split == "train":
             return folder_records(split)
-        files = sorted(p for p in val.iterdir() if p.is_file())
+        files = sorted(p for p in _visible(val) if p.is_file())
         return (_val_record(f.name, f.read_bytes, val_ids, id_to_index) for f in files)
 
     src.records = records
@@ -345,14 +348,24 @@ def _numbered_record(split: str, name: str, read: Callable[[], bytes], ids: list
 
 def imagefolder(root: Path, *, dataset: str = "imagefolder", names: dict[str, str] | None = None,
                 native_size: int | None = None) -> Source:
-    """root/train/<class>/* and root/val/<class>/* (root/test/ is taken as val when val/ is absent)."""
+    """root/train/<class>/* and root/val/<class>/* (root/test/ is taken as val when val/ is absent).
+
+    Names starting with a dot (.ipynb_checkpoints, .DS_Store, ._x.jpg) are not data and are
+    ignored at every level: a hidden folder must never become class 0 and shift every label.
+    An empty class folder is an error naming it. Entries that are not regular files (broken
+    symlinks, symlink loops, FIFOs, sockets) are skipped and listed, never opened."""
     if not (root / "train").is_dir():
         raise SourceError(f"{root}: no train/ folder (expected root/<split>/<class>/<image>)")
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     split_dirs = {"train": root / "train", "val": val_dir}
-    ids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    ids = sorted(p.name for p in _visible(root / "train") if p.is_dir())
     if not ids:
         raise SourceError(f"{root / 'train'}: no class folders")
+    for base in (d for d in split_dirs.values() if d.is_dir()):
+        empty = [p.name for p in sorted(_visible(base)) if p.is_dir() and not _holds_a_file(p)]
+        if empty:
+            raise SourceError(f"{base}: class folder(s) {', '.join(map(repr, empty[:5]))} hold no files; "
+                              "remove them or add their images (an empty class is never trained on)")
     classes = _classes(ids, names)
     index = {c.id: c.index for c in classes}
 
@@ -360,18 +373,78 @@ def imagefolder(root: Path, *, dataset: str = "imagefolder", names: dict[str, st
         base = split_dirs[split]
         if not base.is_dir():
             return
-        for stray in sorted(p for p in base.iterdir() if p.is_file() and not p.name.startswith(".")):
+        top = sorted(_visible(base))
+        for stray in (p for p in top if not p.is_dir()):
             yield _skip(split, stray.name, "not inside a class folder")
-        for cdir in sorted(p for p in base.iterdir() if p.is_dir()):
-            for f in sorted(p for p in cdir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                name = f.relative_to(base).as_posix()
+        for cdir in (p for p in top if p.is_dir()):
+            for parts, path, problem in _scan(cdir):
+                name = "/".join((cdir.name, *parts))
                 if cdir.name not in index:
                     yield _skip(split, name, f"class folder {cdir.name!r} is not among train's classes")
+                elif problem is not None:
+                    yield _skip(split, name, problem)
                 else:
-                    yield Record(split, name, index[cdir.name], f.read_bytes)
+                    yield Record(split, name, index[cdir.name], path.read_bytes)
 
     origin = {"train": "train", "val": val_dir.name if val_dir.is_dir() else "(none)"}
     return Source(dataset, classes, records, native_size, None, [], origin)
+
+
+def _visible(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether a visible regular file lies anywhere below `folder` (stops at the first)."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") and os.path.isfile(os.path.join(dirpath, f)) for f in filenames):
+            return True
+    return False
+
+
+def _scan(folder: Path) -> list[tuple[tuple[str, ...], Path, str | None]]:
+    """Every visible entry below `folder` as (relative parts, path, problem or None), sorted by
+    parts. Folders (symlinked ones too) are entered once each, so a symlink loop ends."""
+    found: list[tuple[tuple[str, ...], Path, str | None]] = []
+    entered: set[tuple[int, int]] = set()
+
+    def visit(d: Path, rel: tuple[str, ...]) -> None:
+        st = d.stat()
+        if (st.st_dev, st.st_ino) in entered:
+            found.append((rel, d, "symlink loop (a folder already read)"))
+            return
+        entered.add((st.st_dev, st.st_ino))
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            found.append((rel, d, f"cannot list the folder: {e.strerror}"))
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            parts, path = rel + (e.name,), Path(e.path)
+            if e.is_dir():
+                visit(path, parts)
+            elif e.is_file():
+                found.append((parts, path, None))
+            else:
+                found.append((parts, path, _not_a_file(path)))
+
+    visit(folder, ())
+    return sorted(found, key=lambda t: t[0])
+
+
+def _not_a_file(path: Path) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        return "broken symlink (its target does not exist)" if path.is_symlink() else f"unreadable: {e.strerror}"
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{kind}, not a regular file (never opened)"
 
 
 # ---------------------------------------------------------------- Tiny-ImageNet ---------------

@@ -206,6 +206,9 @@ def prep_with(tmp_path: Path, shared: Path, bad_name: str, bad: bytes) -> tuple[
     d.mkdir(parents=True)
     (d / "good.JPEG").write_bytes(reference_jpeg(shared))
     (d / bad_name).write_bytes(bad)
+    v = tmp_path / "set" / "val" / "c0"  # data_prep refuses a set with an empty val split
+    v.mkdir(parents=True)
+    (v / "good.JPEG").write_bytes(reference_jpeg(shared))
     out = tmp_path / "out"
     m = prepare(sources.imagefolder(tmp_path / "set"), out, Options(**FAST))
     return m, out
@@ -532,6 +535,8 @@ def test_stats_match_numpy_on_a_synthetic_set(tmp_path):
     for i, a in enumerate(imgs):
         (tmp_path / "set" / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(a).save(tmp_path / "set" / "train" / f"c{i % 2}" / f"{i}.png")
+    (tmp_path / "set" / "val" / "c0").mkdir(parents=True)  # a val image: an empty val split is refused
+    Image.fromarray(imgs[0]).save(tmp_path / "set" / "val" / "c0" / "v.png")
     src = sources.imagefolder(tmp_path / "set", native_size=8)
     prepare(src, tmp_path / "out", Options(**FAST))
     with np.load(tmp_path / "out" / "stats.npz") as z:
