@@ -172,13 +172,14 @@ class DataConfig:
     """How images become the net's input (§2, §4.1); read by reproduction/data.py.
 
     Where the text is ambiguous, the default is Krizhevsky's code (cuda-convnet2 convdata.py) and
-    the literal reading is an option: mean="offset" with lighting="paper".
+    the literal reading is an option: mean="offset", lighting="paper", lighting_rescale=False.
     """
     crop: int = 224            # §4.1: side of the training patch and of the test patches, cut from 256×256
     flip: bool = True          # §4.1: reflect training patches horizontally with probability 0.5
     mean: str = "centre"       # §2: "centre" = the mean image's centre patch whatever the offset (cuda-convnet2) | "offset" = the mean at the patch's offset
-    lighting: str = "code"     # §4.1: "code" = noise scaled by √λ on 0–255, image then ×1/(1+lighting_std) (cuda-convnet2) | "paper" = λ of [0,1] pixels, no rescaling | "none"
+    lighting: str = "code"     # §4.1: "code" = noise scaled by √λ on 0–255 (cuda-convnet2) | "paper" = λ of [0,1] pixels | "none"
     lighting_std: float = 0.1  # §4.1: α_i ~ N(0, 0.1), drawn per image each time it is used
+    lighting_rescale: bool = True  # cuda-convnet2: a lit training image is then ×1/(1 + lighting_std); False = the text (no rescaling)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -205,7 +206,7 @@ class TrainConfig:
     min_improvement: float = 0.001         # schedule="plateau": a smaller fall in centre-patch val top-1 error is no improvement
     max_drops: int = 3                     # §5: "reduced three times prior to termination"
     seed: int = 0                          # every random stream of the run derives from it
-    stuck_steps: int = 5000                # guard: stop if the loss is still at chance, ln(C), after this many steps (warn at a fifth)
+    stuck_steps: int = 0                   # guard: stop if the loss is still at chance, ln(C), after this many steps (warn at a fifth); 0 = three epochs' steps, at least 5,000 (the paper's bias-1 init can sit at chance for epochs, PAPER-SPEC §10)
     freeze: tuple[str, ...] = ()           # fine-tuning (not in the paper): layers kept as loaded, e.g. ("conv1", "conv2")
     precision: str = "fp32"                # "fp32" (the paper's) | "bf16" autocast (opt-in, not in the paper)
     channels_last: bool = False            # opt-in memory format (not in the paper)
@@ -215,8 +216,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("batch_size", "epochs", "patience", "stuck_steps"):
+        for name in ("batch_size", "epochs", "patience"):
             _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        _require(self, "stuck_steps", self.stuck_steps >= 0, "an integer >= 0 (0: three epochs' steps, at least 5,000)")
         _require(self, "max_drops", self.max_drops >= 0, "an integer >= 0")
         for name in ("lr", "momentum", "weight_decay", "min_improvement"):
             _require(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")

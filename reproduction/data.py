@@ -169,7 +169,9 @@ def draw_train(n: int, config: DataConfig, *, seed: int, epoch: int, batch: int)
     """Draws for batch `batch` of epoch `epoch`. All four are drawn whatever the config, so turning
     one augmentation off leaves the others' draws unchanged."""
     g = _generator(seed, _AUGMENT, epoch, batch)
-    # §4.1: all 33×33 offsets of a 224 patch in a 256 image (cuda-convnet2 draws the same range).
+    # §4.1: all 33×33 offsets of a 224 patch in a 256 image, 0..32 inclusive, as cuda-convnet2's
+    # DecoderThread::crop draws them (rand % (border + 1)). The text's "factor of 2048" = 32·32·2
+    # counts 32 per axis; the code, which decides what the text leaves loose, has 33.
     offsets = torch.randint(0, SIDE - config.crop + 1, (n, 2), generator=g)
     flip = torch.rand(n, generator=g) < 0.5
     alpha = torch.randn(n, 3, generator=g, dtype=torch.float64) * config.lighting_std
@@ -180,9 +182,10 @@ def lighting_noise(alpha: Tensor, stats: Stats, config: DataConfig) -> Tensor:
     """§4.1's colour shift [p1 p2 p3]·[α1λ1 α2λ2 α3λ3]ᵀ per image (B×3, 0–255 units).
 
     "code" (cuda-convnet2 convdata.py): λ_i replaced by σ_i = √λ_i of the 0–255 covariance, i.e.
-    (z ⊙ σ)·Vᵀ·0.1; `view_batch` then scales the whole image by 1/(1 + lighting_std).
-    "paper": λ_i the eigenvalues of the covariance of pixels scaled to [0, 1] (λ/255²), the shift
-    added on that scale, so 255·V(α ⊙ λ/255²) = V(α ⊙ λ/255) in 0–255 units; no rescaling.
+    (z ⊙ σ)·Vᵀ·0.1. "paper": λ_i the eigenvalues of the covariance of pixels scaled to [0, 1]
+    (λ/255²), the shift added on that scale, so 255·V(α ⊙ λ/255²) = V(α ⊙ λ/255) in 0–255 units.
+    Either way `view_batch` then scales the whole image by 1/(1 + lighting_std) when
+    `lighting_rescale` is set (cuda-convnet2's habit; the text has no rescaling).
     """
     if config.lighting == "code":
         # DEVIATION(§4.1): the text says eigenvalues; Krizhevsky's code scales by √λ on 0–255.
@@ -240,7 +243,7 @@ def view_batch(images: Tensor, mean: Tensor, config: DataConfig, top: Tensor, le
         x -= crop_patches(mean, top, left, flip, config.crop)
     if noise is not None and config.lighting != "none":
         x += noise.to(x.device, torch.float32)[:, :, None, None]
-        if config.lighting == "code":
+        if config.lighting_rescale:
             # DEVIATION(§4.1): not in the text; cuda-convnet2 scales noisy training images by
             # 1/(1 + 0.1) "so that the overall scale of the training data doesn't become too
             # different from the test data". Test images are not scaled (as in its code).

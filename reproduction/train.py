@@ -263,7 +263,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             f"{least if least == most else f'{least}-{most}'} images per replica; rank 0 on "
             f"{', '.join(map(str, devices))}")
 
-    guard = Guard(classes, t.stuck_steps, log)
+    # stuck_steps=0: scaled with the epoch (half an ILSVRC epoch is too soon for the paper's init).
+    guard = Guard(classes, t.stuck_steps or max(5000, 3 * num_batches(len(train_set), t.batch_size)), log)
     if resume:
         guard.checkpoint_note = f"The checkpoint this run resumed from ({position_text(position)}) is kept"
 
