@@ -215,7 +215,12 @@ def write_report(results: Path) -> Path:
         lines += ["No finished runs yet (a run folder needs config.json, metrics.jsonl and final.json)."]
     else:
         lines += ["None of these is ILSVRC: each row names its data set, so compare them with the "
-                  "paper's numbers for direction and size only.", ""]
+                  "paper's numbers for direction and size only.", "",
+                  # issue 18: train.py keeps best.pt beside checkpoint.pt
+                  "Every number is the last epoch's net (final.json). Each run also keeps best.pt, the "
+                  "epoch with the lowest centre-patch val top-1 error; val is also the set reported here, "
+                  "so a number from best.pt would be optimistic (so are the paper's: its ε was divided "
+                  "when the val error stopped improving, and Table 2 reports ILSVRC-2012 val).", ""]
         lines += results_table(groups, results)
         lines += ["", "Made by (each run folder's config.json holds its exact command and config):", ""]
         for (dataset, experiment, changes), runs in groups.items():

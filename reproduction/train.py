@@ -7,7 +7,8 @@
 
 SGD with ε inside the velocity (reproduction/optim.py), batch 128, ε = 0.01 divided by 10 on
 a stated plateau rule or at fixed epochs. Each epoch appends a line to metrics.jsonl and
-rewrites checkpoint.pt atomically; Ctrl-C checkpoints at the next step boundary. A resumed
+rewrites checkpoint.pt atomically, and best.pt when its centre-patch val top-1 error is the
+lowest so far (`_save_best`); Ctrl-C checkpoints at the next step boundary. A resumed
 run sees the same batches, draws the same dropout masks and ends bit-identical (CPU,
 deterministic) to one that was never interrupted: every random stream is a function of
 (seed, epoch, step), never of how often the process was started.
@@ -44,6 +45,7 @@ from reproduction.evaluate import autocast, evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.model import AlexNet, default_devices
 from reproduction.optim import PaperSGD, fixed_schedule_lr, paper_param_groups, plateau_lr
+from reproduction.weights import BEST, SELECTED_BY_VAL
 
 _DROPOUT = 2  # key that keeps the dropout stream apart from the data's streams (data.py uses 0, 1)
 # Steps between reads of the loss and error counts (one process): a read waits for the device,
@@ -347,6 +349,9 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                 f"{val['top5_error']:.4f} (centre patch) | ε {lr:g} | {_duration(seconds)}")
             position = {"epoch": epoch + 1, "batch": 0, "step": position["step"], "sums": _zero_sums()}
             save(position)
+            if folder.writer and row["val_top1_error"] < min([r["val_top1_error"] for r in history[:-1]] or [math.inf]):
+                _save_best(folder, row, {"model": model.state_dict(), "config": runs.config_dict(config),
+                                         "classes": [c["id"] for c in train_set.classes]})
     if position["epoch"] < t.epochs:
         return {"stopped_at_epoch": position["epoch"]}
     final = final_metrics(model, val_set, stats, config.data, **eval_kw)
@@ -449,6 +454,17 @@ def _differences(a: RunConfig, b: RunConfig) -> str:
     da, db = runs.config_dict(a), runs.config_dict(b)
     return ", ".join(f"{part}.{k}: {da[part][k]!r} -> {db[part][k]!r}"
                      for part in da for k in da[part] if da[part][k] != db[part][k])
+
+
+def _save_best(folder: runs.RunFolder, row: dict, state: dict) -> None:
+    """best.pt beside checkpoint.pt: the weights of the epoch with the lowest centre-patch val
+    top-1 error so far (for use, not --resume: no optimiser or position), noted in config.json."""
+    best = {"path": BEST, "epochs_trained": row["epoch"] + 1, "val_top1_error": row["val_top1_error"],
+            "val_top5_error": row["val_top5_error"], "note": SELECTED_BY_VAL}
+    runs.save_checkpoint(folder.path / BEST, state | {"optimizer": None, "position": None,
+                                                      "epoch": row["epoch"] + 1, "best": best})
+    meta = runs.read_json(folder.path / "config.json")
+    runs.write_json(folder.path / "config.json", meta | {"best_checkpoint": best})
 
 
 def _duration(seconds: float) -> str:

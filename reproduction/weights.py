@@ -57,9 +57,11 @@ BVLC = {
                  "measured_on": "ILSVRC-2012 validation set, centre crop, by BVLC (readme: 57.1% top-1, "
                                 "80.2% top-5 accuracy); not measured by this project"},
 }
+BEST = "best.pt"  # beside checkpoint.pt: train.py's _save_best
 SELECTED_BY_VAL = ("best.pt is the epoch with the lowest centre-patch val top-1 error; when val is also the "
-                   "set its numbers are reported on, choosing by it is optimistic (the paper's Table 2 did the "
-                   "same: ILSVRC-2012's test labels were not public)")
+                   "set its numbers are reported on, choosing by it is optimistic (so are the paper's: its "
+                   "learning rate was divided when the val error stopped improving, and Table 2 reports "
+                   "ILSVRC-2012 val)")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def measured(path: Path, state: dict) -> list[dict]:
         out.append({"centre": {"top1_error": b.get("val_top1_error"), "top5_error": b.get("val_top5_error")},
                     "ten_patch": None, "file": str(path),
                     "measured_on": {"data": data.get("path"), "dataset": data.get("dataset"), "split": "val",
-                                    "images": data.get("val_images"), "epoch": b.get("epoch"),
+                                    "images": data.get("val_images"), "epochs_trained": b.get("epochs_trained"),
                                     "note": SELECTED_BY_VAL}})
     return out
 

@@ -1,0 +1,154 @@
+"""Where users get an AlexNet from: torch.hub (hubconf.py), the builder reproduction.alexnet and its
+weights record (reproduction/weights.py), Caffe's net in memory, and train.py's best.pt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import caffe_wire
+import reproduction
+from packing import colour_set
+from reproduction import runs
+from reproduction import train as train_module
+from reproduction.caffe import CAFFE
+from reproduction.config import RunConfig, override
+from reproduction.data import load_stats
+from reproduction.model import AlexNet
+from reproduction.weights import BEST, BVLC, caffe_licence
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = override(RunConfig(), {"batch_size": 4, "epochs": 3, "seed": 3, "stuck_steps": 10_000})
+
+
+def hub(*args, **kwargs):
+    return torch.hub.load(str(REPO), *args, source="local", trust_repo=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    return colour_set(tmp_path_factory.mktemp("tiny"), train=8, val=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def staged_run(tiny_set, tmp_path_factory):
+    """A 3-epoch run whose centre-patch val top-1 errors are scripted 0.5, 0.3, 0.4 (the real
+    evaluation replaced), run as two stages so that the checkpoint after epoch 2, the best,
+    can be kept for comparison."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    errors = iter([0.5, 0.3, 0.4])
+    real = train_module.evaluate
+
+    def scripted(model, dataset, stats, config, *, ten_patch, **kw):
+        e = next(errors)
+        return {"top1_error": e, "top5_error": e / 2, "loss": 1.0, "images": len(dataset)}
+
+    train_module.evaluate = scripted
+    try:
+        kw = dict(devices=(torch.device("cpu"),), workers=0, log=lambda s: None)
+        train_module.train(TINY, tiny_set, out, max_epochs=2, **kw)
+        after_two = runs.load_checkpoint(out / runs.CHECKPOINT)["model"]
+        best_then = runs.load_checkpoint(out / BEST)
+        train_module.train(TINY, tiny_set, out, resume=True, **kw)
+    finally:
+        train_module.evaluate = real
+    return out, after_two, best_then
+
+
+def test_hub_alexnet_is_the_papers_net_or_any_config():
+    model = hub("alexnet")
+    assert isinstance(model, AlexNet) and model.weights is None
+    assert sum(p.numel() for p in model.parameters()) == 60_965_224
+    one = hub("alexnet", towers=1, num_classes=10)
+    assert one.config.towers == 1 and one.config.num_classes == 10
+    with pytest.raises(TypeError, match="unknown config field"):
+        reproduction.alexnet(learning_rate=0.1)
+
+
+def test_best_pt_is_the_lowest_val_error_and_says_it_is_optimistic(staged_run):
+    out, after_two, best_then = staged_run
+    best = runs.load_checkpoint(out / BEST)
+    assert best["best"]["epochs_trained"] == 2 and best["best"]["val_top1_error"] == 0.3  # not the last (0.4)
+    assert best_then["epoch"] == 2  # written at epoch 2, kept through epoch 3 and the resume
+    for k, v in after_two.items():
+        assert torch.equal(best["model"][k], v), k
+    assert best["optimizer"] is None and best["position"] is None
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["best_checkpoint"]["epochs_trained"] == 2 and "optimistic" in meta["best_checkpoint"]["note"]
+    assert runs.load_checkpoint(out / runs.CHECKPOINT)["epoch"] == 3
+
+
+def test_hub_loads_a_checkpoint_with_its_weights_record(staged_run, tiny_set):
+    out, _, _ = staged_run
+    model = hub("alexnet", weights=out / runs.CHECKPOINT)
+    w = model.weights
+    assert not model.training and w.config.model.num_classes == 4
+    manifest = json.loads((tiny_set / "manifest.json").read_text())
+    assert len(w.classes) == 4 and w.classes[0].startswith(manifest["classes"][0]["name"])
+    assert torch.equal(w.mean, load_stats(tiny_set).mean) and w.image_size == 32
+    final = json.loads((out / "final.json").read_text())
+    [m] = w.metrics  # final.json, measured on the run's val split
+    assert m["centre"] == final["centre"] and m["ten_patch"] == final["ten_patch"]
+    assert m["measured_on"]["split"] == "val" and m["measured_on"]["images"] == 6
+    assert w.recipe["train"]["epochs"] == 3 and w.selection is None and "not stated" in w.licence
+    json.dumps(w.meta)  # everything but the tensors is JSON
+    b = reproduction.alexnet(weights=out / BEST).weights
+    assert "optimistic" in b.selection
+    [m] = b.metrics  # final.json measured checkpoint.pt, not best.pt: only best.pt's own val figures
+    assert m["centre"]["top1_error"] == 0.3 and m["measured_on"]["epochs_trained"] == 2
+    with pytest.raises(TypeError, match="takes its architecture from the checkpoint"):
+        reproduction.alexnet(weights=out / BEST, towers=1)
+
+
+def test_transforms_are_the_papers_test_pipeline(staged_run):
+    """PIL image or uint8 tensor of any size → §2 (shorter side, central square) → centre patch
+    minus the mean's centre (mean="centre"); ten_patch: §4.1's ten views."""
+    out, _, _ = staged_run
+    w = reproduction.alexnet(weights=out / runs.CHECKPOINT).weights
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)  # taller than wide
+    pil = Image.fromarray(pixels)
+    x = w.transforms()(pil)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    # by hand: 40 px wide → 32, height 48·32/40 = 38.4 → 38, central 32×32, bilinear to 256, centre 224
+    square = np.array(pil.resize((32, 38), Image.Resampling.BICUBIC).crop((0, 3, 32, 35)))
+    up = torch.nn.functional.interpolate(torch.from_numpy(square).permute(2, 0, 1)[None].float(), size=(256, 256),
+                                         mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(x, up[:, 16:240, 16:240] - w.mean[:, 16:240, 16:240])
+    assert torch.equal(w.transforms()(torch.from_numpy(pixels).permute(2, 0, 1)), x)  # a tensor: the same
+    ten = w.transforms(ten_patch=True)(pil)
+    assert ten.shape == (10, 3, 224, 224) and torch.equal(ten[4], x) and torch.equal(ten[9], x.flip(-1))
+    with pytest.raises(ValueError, match="uint8"):
+        w.transforms()(torch.zeros(3, 50, 50))
+
+
+def test_hub_alexnet_caffe_reads_a_caffemodel_with_bvlcs_record(tmp_path):
+    blobs = caffe_wire.caffe_blobs(seed=9)
+    caffe_wire.write_caffemodel(tmp_path / "bvlc_alexnet.caffemodel", blobs, v1=True)
+    mean = np.stack([np.full((256, 256), v) for v in (104.0, 117.0, 123.0)])
+    np.save(tmp_path / "mean.npy", mean)
+    model = hub("alexnet_caffe", tmp_path / "bvlc_alexnet.caffemodel", mean=tmp_path / "mean.npy")
+    assert not model.training and model.config == CAFFE.model
+    state = model.state_dict()
+    assert torch.equal(state["conv2.weight"], torch.from_numpy(blobs["conv2"][0]))
+    assert torch.equal(state["fc8.weight"], torch.from_numpy(2 * blobs["fc8"][0]))
+    w = model.weights
+    assert w.source["format"] == "caffemodel" and w.source["bvlc_alexnet"] is False
+    assert w.mean[0, 0, 0] == 123.0 and w.mean[2, 0, 0] == 104.0  # RGB
+    assert len(w.classes) == 1000 and w.metrics == [] and w.reported["centre"]["top1_error"] == 0.429
+    assert "not BVLC's bvlc_alexnet.caffemodel" in w.licence  # random weights, another sha1
+    assert w.transforms()(Image.new("RGB", (300, 260))).shape == (3, 227, 227)
+
+
+def test_the_bvlc_licence_is_the_readmes():
+    own = caffe_licence({"bvlc_alexnet": True})
+    assert "This model is released for unrestricted use." in own and "sha1 matches" in own
+    assert "conversion" in caffe_licence({"bvlc_alexnet": None})
+    assert "non-commercial" in BVLC["licence"]  # ImageNet's terms of access are stated beside it
