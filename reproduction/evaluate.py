@@ -117,6 +117,14 @@ def class_check(states: Sequence[dict], paths: Sequence[Path], dataset: PackedSe
                              "softmax of one class list")
 
 
+def model_changes(config) -> dict:
+    """How a model differs from the paper's net (fc8's width aside), e.g. {"conv6": True}."""
+    import dataclasses
+    from reproduction.config import PAPER
+    return {k: v for k, v in dataclasses.asdict(config.model).items()
+            if k != "num_classes" and v != getattr(PAPER, k)}
+
+
 def write_predictions(path: Path, dataset: PackedSet, top5: Tensor) -> str:
     """The challenge's submission format: one line per image in file-name order, its five best
     classes as the dataset's own 1-based ids (ILSVRC20xx_ID), best first. Returns the id kind."""
@@ -191,7 +199,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     result |= {"checkpoint": str(args.checkpoint[0]) if one else [str(p) for p in args.checkpoint],
                "data": str(args.data), "split": args.split,
                "epochs_trained": states[0]["epoch"] if one else [s["epoch"] for s in states],
-               "seconds": round(time.time() - start, 1)}
+               "seconds": round(time.time() - start, 1),
+               # what the report needs to place the result in Table 1 / 2 (issue 17)
+               "dataset": dataset.manifest.get("dataset"), "architectures": [model_changes(c) for c in configs]}
     if args.predictions is not None:
         kind = write_predictions(args.predictions, dataset, torch.cat(top5))
         result["predictions"] = {"path": str(args.predictions), "ids": kind, "patches": 10}
