@@ -72,6 +72,9 @@ def with_holdout(source: Source, n: int) -> Source:
     tuned on held-out images (e.g. Fashion-MNIST, as the d2l tutorial's setting needs)."""
     if n < 1:
         raise ValueError(f"holdout must be >= 1, got {n}")
+    if "test" in source.splits:  # e.g. ILSVRC-2010: its own val would replace its labelled test
+        raise ValueError(f"--holdout: {source.dataset} already has a labelled test split beside its "
+                         "val split; prepare it without --holdout")
 
     def records(split: str) -> Iterator[Record]:
         if split == "test":
@@ -424,9 +427,13 @@ def _scan(folder: Path) -> list[tuple[tuple[str, ...], Path, str | None]]:
             if e.name.startswith("."):
                 continue
             parts, path = rel + (e.name,), Path(e.path)
-            if e.is_dir():
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError:  # e.g. ELOOP: a symlink to itself
+                is_dir = is_file = False
+            if is_dir:
                 visit(path, parts)
-            elif e.is_file():
+            elif is_file:
                 found.append((parts, path, None))
             else:
                 found.append((parts, path, _not_a_file(path)))

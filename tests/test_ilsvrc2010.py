@@ -121,6 +121,9 @@ def test_ilsvrc2010_cli_and_missing_files(shared_data, tmp_path, capsys):
     assert "test (from test)" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len(manifest["classes"]) == 2 and manifest["dataset"] == "ilsvrc2010"
+    # --holdout would store 2010's val as test in place of its labelled test split: refused.
+    assert main(["ilsvrc2010", str(tmp_path / "in"), "--out", str(tmp_path / "o1"), "--holdout", "1"]) == 2
+    assert "already has a labelled test split" in capsys.readouterr().err
     (tmp_path / "in" / "ILSVRC2010_test_ground_truth.txt").unlink()
     assert main(["ilsvrc2010", str(tmp_path / "in"), "--out", str(tmp_path / "o2")]) == 2
     assert "ILSVRC2010_test_ground_truth.txt" in capsys.readouterr().err
