@@ -71,9 +71,10 @@ def recipe_changes(meta: dict) -> str:
         return "custom"
     ran = dataclasses.asdict(from_dict(RunConfig, meta["config"]))
     want = dataclasses.asdict(base)
+    # stuck_steps only stops a run: a finished run's numbers do not depend on it.
     changes = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
                for part in ran for k, v in ran[part].items()
-               if k not in ("seed", "num_classes") and v != want[part][k]]
+               if k not in ("seed", "num_classes", "stuck_steps") and v != want[part][k]]
     return ", ".join(changes) or "none"
 
 
