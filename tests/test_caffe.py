@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import caffe_wire
+import reproduction
 from reproduction.caffe import SHAPES, caffe_mean_rgb, check_prototxt, main, read_npy
 from reproduction.data import load_stats
 from reproduction.runs import load_checkpoint, model_from_checkpoint
+from reproduction.weights import BVLC
 
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
 PADS = {"conv1": 0, "conv2": 2, "conv3": 1, "conv4": 1, "conv5": 1}
@@ -210,7 +212,8 @@ def caffemodels(tmp_path_factory):
                      *extra]) == 0
         state = load_checkpoint(root / kind / "checkpoint.pt")
         nets[kind] = model_from_checkpoint(state)[0].eval()
-        sources[kind] = state["source"] | {"sha1_here": hashlib.sha1(path.read_bytes()).hexdigest()}
+        sources[kind] = state["source"] | {"sha1_here": hashlib.sha1(path.read_bytes()).hexdigest(),
+                                           "checkpoint": root / kind / "checkpoint.pt"}
     for kind in ("v1", "current"):
         files[kind].unlink()  # 244 MB each
     return blobs, nets, sources
@@ -279,6 +282,17 @@ def test_the_checkpoint_says_where_it_came_from(caffemodels):
         assert s["bvlc_alexnet"] is False  # random weights: not BVLC's sha1
     assert sources["current"]["prototxt"].endswith("deploy.prototxt")
     assert sources["npy"]["format"] == "npy" and sources["npy"]["bvlc_alexnet"] is None
+
+
+def test_an_imported_checkpoint_carries_bvlcs_record(caffemodels):
+    _, nets, sources = caffemodels
+    model = reproduction.alexnet(weights=sources["v1"]["checkpoint"])
+    assert torch.equal(model.state_dict()["fc6.weight"], nets["v1"].state_dict()["fc6.weight"])
+    w = model.weights
+    assert w.recipe == BVLC["recipe"] and w.reported == BVLC["reported"] and w.metrics == []
+    assert "not BVLC's bvlc_alexnet.caffemodel" in w.licence and w.source["format"] == "caffemodel"
+    assert len(w.classes) == 1000 and w.mean[0, 0, 0] == 123.0  # stats.npz beside it, RGB
+    assert w.transforms()(torch.zeros(3, 256, 256, dtype=torch.uint8)).shape == (3, 227, 227)
 
 
 def small_blobs(**shapes) -> dict:
