@@ -71,7 +71,8 @@ def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: 
             for m, c in zip(models, configs):
                 x = got[streams.index(c)][0]
                 views = x.flatten(0, 1) if ten_patch else x
-                views = views.to(next(m.parameters()).device)
+                first = next(m.parameters(), None)  # its first tower's device (none: a parameter-free stand-in)
+                views = views.to(first.device if first is not None else device)
                 if channels_last:
                     views = views.contiguous(memory_format=torch.channels_last)
                 with autocast(views.device, precision):
