@@ -37,7 +37,7 @@ from torch import Tensor
 
 from data_prep.image import resize_center_crop, to_rgb
 from reproduction.config import PAPER, AlexNetConfig, DataConfig, RunConfig
-from reproduction.data import SIDE, Stats, load_stats, ten_patch_offsets, view_batch
+from reproduction.data import SIDE, load_stats, ten_patch_offsets, view_batch
 from reproduction.errors import UserError
 from reproduction.model import AlexNet
 from reproduction.runs import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint, read_json
