@@ -47,6 +47,11 @@ def find_cifar10(work: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from reproduction.errors import run_cli
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "data",

@@ -34,6 +34,7 @@ from torch import nn
 
 from reproduction.config import DataConfig, RunConfig, TrainConfig, override
 from reproduction.data import PackedSet, default_workers, eval_batches, load_stats, train_batches
+from reproduction.errors import UserError, run_cli
 from reproduction.evaluate import autocast, evaluate
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
@@ -65,7 +66,7 @@ def bench_data(args: argparse.Namespace) -> int:
     reflection, mean, PCA lighting; ready on the device) and the centre / ten-patch eval views."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+        raise UserError("--device cuda: no CUDA device is visible; give --device cpu")
     config = override(DataConfig(), args.set)
     train = PackedSet(args.data, "train")
     stats = load_stats(args.data)
@@ -112,7 +113,7 @@ def open_device(text: str | None) -> torch.device:
     """--device: cuda when one is visible, else the CPU, unless named."""
     device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+        raise UserError("--device cuda: no CUDA device is visible; give --device cpu")
     return device
 
 
@@ -509,6 +510,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, bench, add, summary in [
@@ -523,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -325,7 +325,16 @@ def _main(argv: Sequence[str] | None) -> int:
                              "what the import assumes (.caffemodel only)")
     parser.add_argument("--mean", type=Path, default=SHARED_MEAN,
                         help="Caffe's ilsvrc_2012_mean.npy (default %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing checkpoint or stats.npz at --out (default: refuse)")
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the checkpoint's file name, e.g. {args.out / 'checkpoint.pt'}")
+    # stats.npz beside a prepared set's files is that set's own (its PCA lighting): never replaced silently
+    existing = [p for p in (args.out, args.out.parent / "stats.npz") if p.exists()]
+    if existing and not args.force:
+        raise UserError(f"--out {args.out}: {' and '.join(map(str, existing))} already exist(s); choose another "
+                        "folder, or pass --force to replace them")
     print(f"reading {args.weights} ...", flush=True)
     try:
         model, source = import_caffe(args.weights, args.out, mean=args.mean, prototxt=args.prototxt)

@@ -25,6 +25,7 @@ windows that may overhang the edge (outputsX = ceil((S − 3)/2) + 1), per-layer
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -40,6 +41,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from reproduction.config import CifarConfig
+from reproduction.errors import UserError, reading
 from reproduction.optim import PaperSGD, fixed_schedule_lr
 from reproduction.report import mean_sd
 from reproduction.runs import append_metrics, environment, git_state, read_json, read_metrics, write_json
@@ -196,28 +198,53 @@ def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None
     tars = {"train": root / "train.tar.gz", "test": root / "test.tar.gz"}
     missing = [str(p) for p in tars.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 not found: missing {', '.join(missing)} "
+        raise UserError(f"CIFAR-10 not found: missing {', '.join(missing)} "
                                 f"(expected ../shared/data/cifar10 or --data DIR with train.tar.gz, test.tar.gz)")
-    if cache is not None and cache.is_file():
-        with np.load(cache) as z:
-            data = {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in tars}
-    else:
+    # The cache is keyed by its source (the tars' paths and contents): other --data rebuilds it.
+    key = json.dumps({s: {"path": str(p.resolve()), "sha256": _sha256(p)} for s, p in tars.items()}, sort_keys=True)
+    data = _read_cache(cache, key, tars) if cache is not None else None
+    if data is None:
         data = {split: _read_tar(path, per_class) for split, path in tars.items()}
         if cache is not None and per_class is None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             partial = cache.with_name(cache.name + ".partial")  # renamed when whole: no torn cache
             with open(partial, "wb") as f:
-                np.savez(f, **{f"{s}_{k}": v for s, (x, y) in data.items() for k, v in (("x", x), ("y", y))})
+                np.savez(f, source=np.array(key), **{f"{s}_{k}": v for s, (x, y) in data.items()
+                                                     for k, v in (("x", x), ("y", y))})
             partial.replace(cache)
     if per_class is not None:
         data = {s: _first_per_class(x, y, per_class) for s, (x, y) in data.items()}
     return {s: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)) for s, (x, y) in data.items()}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_cache(cache: Path, key: str, tars: dict) -> dict | None:
+    """The cached arrays when the cache was made from these very tars, else None (rebuild)."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as z:
+            if "source" not in z.files or str(z["source"]) != key:
+                print(f"{cache} was made from other CIFAR-10 files: rebuilding it")
+                return None
+            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in tars}
+    except (OSError, ValueError, KeyError, EOFError):
+        print(f"{cache} is unreadable: rebuilding it")
+        return None
+
+
 def _read_tar(path: Path, per_class: int | None) -> tuple[np.ndarray, np.ndarray]:
     index = {name: i for i, name in enumerate(CLASSES)}
     images, labels, counts = [], [], [0] * len(CLASSES)
-    with tarfile.open(path, "r|gz") as tar:
+    advice = "expected CIFAR-10's <class>/<name>.jpg tar (../shared/data/cifar10)"
+    with reading(path, "CIFAR-10 tar.gz", advice), tarfile.open(path, "r|gz") as tar:
         for member in tar:
             cls = member.name.split("/")[0]
             if not member.isfile() or cls not in index:
@@ -228,6 +255,8 @@ def _read_tar(path: Path, per_class: int | None) -> tuple[np.ndarray, np.ndarray
             with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
                 images.append(np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1))
             labels.append(index[cls])
+    if not images:
+        raise UserError(f"{path}: no CIFAR-10 images in it; {advice}")
     return np.stack(images), np.asarray(labels, np.int64)
 
 
@@ -320,7 +349,8 @@ def train_cifar(c: CifarConfig, data: dict, *, log: Callable[[str], None] = prin
                 parts.append(part_errors / part_seen)
                 part_errors = part_seen = 0
         row = {"epoch": epoch, "lr": lr, "train_error": errors / max(seen, 1),
-               "train_loss": losses / max(seen, 1), "train_error_parts": parts,
+               "train_loss": losses / max(seen, 1) if finite else None,  # JSON holds no NaN
+               "train_error_parts": parts,
                "test_error": evaluate_cifar(net, data["test"], mean, c) if finite else None,
                "seconds": time.perf_counter() - start, "diverged": not finite}
         rows.append(row)

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import sys
+import tarfile
 import threading
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -37,7 +41,8 @@ def debugging() -> bool:
 
 # What reading a damaged or foreign file raises (torch.load, np.load, json, tarfile, PIL, pickle).
 READ_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
-               RuntimeError, UnicodeError)
+               RuntimeError, UnicodeError, pickle.UnpicklingError, zipfile.BadZipFile, tarfile.TarError,
+               zlib.error)
 
 
 @contextlib.contextmanager
@@ -47,15 +52,18 @@ def reading(path: str | os.PathLike, what: str, advice: str) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file ({what}); {advice}") from None
+    except FileNotFoundError as e:
+        inner = f" ({Path(e.filename).name} is missing)" if e.filename and str(e.filename) != str(path) else ""
+        raise UserError(f"{path}: no such file{inner} ({what}); {advice}") from None
     except IsADirectoryError:
         raise UserError(f"{path} is a folder, not a {what}; {advice}") from None
     except PermissionError:
         raise UserError(f"{path}: permission denied reading the {what}; {advice}") from None
     except READ_ERRORS as e:
-        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}: {detail}); {advice}") from None
+        detail = str(e).splitlines()[0] if str(e).strip() else ""
+        detail = detail if len(detail) <= 100 else detail[:100].rsplit(" ", 1)[0] + " ..."
+        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}{': ' + detail if detail else ''}); "
+                        f"{advice}") from None
 
 
 def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:

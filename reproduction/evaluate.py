@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from reproduction.config import DataConfig
-from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, load_stats
+from reproduction.data import PackedSet, Stats, average_softmax, eval_batches
 from reproduction.distributed import Distributed
 from reproduction.errors import UserError, run_cli
 from reproduction.runs import (config_of, evaluation_path, load_checkpoint, model_from_checkpoint, open_data,

@@ -84,6 +84,8 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
     model = alexnet(weights=args.checkpoint, stats=args.stats, data=args.data, devices=args.device)
     record = model.weights
     images, good, failed = [], [], 0

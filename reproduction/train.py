@@ -517,6 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--resume needs --out, the run folder to continue")
             if args.global_batch is not None:
                 parser.error("--global-batch is chosen when a run starts; its checkpoint holds the batch and ε")
+            if not (args.out / runs.CHECKPOINT).is_file():
+                held = runs.RunFolder(args.out).held()
+                raise UserError(f"--resume: {args.out} holds no {runs.CHECKPOINT} ({', '.join(held) or 'no run files'}): "
+                                "nothing to continue; start a fresh run in another --out")
             saved = runs.load_checkpoint(args.out / runs.CHECKPOINT)
             config = _override(runs.config_of(saved, args.out / runs.CHECKPOINT), args.set)
             meta = runs.read_json_file(args.out / "config.json", "run record (config.json)",

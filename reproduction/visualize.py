@@ -32,18 +32,19 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from reproduction.config import DataConfig, RunConfig, from_dict
+from reproduction.config import DataConfig
 from reproduction.data import (
     SIDE,
     PackedSet,
     Stats,
     eval_batches,
-    load_stats,
     upsample,
     view_batch,
 )
+from reproduction.errors import UserError, run_cli
 from reproduction.evaluate import autocast
-from reproduction.runs import load_checkpoint, model_from_checkpoint, write_json
+from reproduction.runs import (CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint, open_data,
+                               write_json)
 
 COLUMNS = 16  # Fig. 3 draws each GPU's 48 kernels as 3 rows of 16
 
@@ -233,8 +234,10 @@ def _save_png(image: np.ndarray, path: Path) -> None:
 
 def run_filters(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
-    config = from_dict(RunConfig, state["config"])  # the run's config says how many towers
-    weights = state["model"]["conv1.weight"]
+    config = config_of(state, args.checkpoint)  # the run's config says how many towers
+    weights = state["model"].get("conv1.weight")
+    if weights is None:
+        raise UserError(f"{args.checkpoint} holds no conv1.weight; {CHECKPOINT_ADVICE}")
     towers = config.model.towers
     scores = colour_specificity(weights)
     image = filter_grid(weights, towers, scale=args.scale)
@@ -260,16 +263,15 @@ def run_filters(args: argparse.Namespace) -> int:
 
 def run_neighbours(args: argparse.Namespace) -> int:
     from reproduction.train import parse_devices  # the same placement rule as training
-    queries_set, bank_set = PackedSet(args.data, args.split), PackedSet(args.data, args.bank_split)
-    stats = load_stats(args.data)
+    queries_set, bank_set, stats = open_data(args.data, [args.split, args.bank_split])
     chosen = args.indices if args.indices else query_indices(len(queries_set), args.queries)
     if not all(0 <= i < len(queries_set) for i in chosen):
         raise ValueError(f"--indices must lie in [0, {len(queries_set)}) for split {args.split!r}")
     if not 1 <= args.k <= len(bank_set):
         raise ValueError(f"--k must be in [1, {len(bank_set)}] (the {args.bank_split} split's size)")
     state = load_checkpoint(args.checkpoint)
-    devices = parse_devices(args.device, towers=state["config"]["model"]["towers"])
-    model, config = model_from_checkpoint(state, devices=devices)
+    devices = parse_devices(args.device, towers=config_of(state, args.checkpoint).model.towers)
+    model, config = model_from_checkpoint(state, devices=devices, path=args.checkpoint)
     model.eval()
     device, precision = devices[0], config.train.precision
     with autocast(device, precision):
@@ -318,6 +320,10 @@ def run_neighbours(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction.visualize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{filters,neighbours}")
@@ -358,11 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(run=run_neighbours)
 
     args = parser.parse_args(argv)
+    for name in ("scale", "thumb", "batch_size", "k", "queries"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         return args.run(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

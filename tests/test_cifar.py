@@ -182,6 +182,5 @@ def test_experiment_commands_end_to_end(experiment, shared_data, tmp_path, capsy
 
 
 def test_experiment_command_explains_missing_data(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        experiments.main(["cifar-lrn", "--data", str(tmp_path)])
+    assert experiments.main(["cifar-lrn", "--data", str(tmp_path)]) == 2
     assert "CIFAR-10 not found" in capsys.readouterr().err
