@@ -35,7 +35,8 @@ from torch import nn
 from reproduction.config import DataConfig, RunConfig, TrainConfig, override
 from reproduction.data import PackedSet, default_workers, eval_batches, load_stats, train_batches
 from reproduction.errors import UserError, run_cli
-from reproduction.evaluate import autocast, evaluate
+from reproduction import lrn as lrn_op
+from reproduction.evaluate import autocast, evaluate, native_bf16
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
 from reproduction.runs import device_name
@@ -179,10 +180,14 @@ class Unavailable(Exception):
 # variant: (net, variant) as the table names them
 VARIANTS = {
     "torchvision": ("torchvision alexnet", "eager, torch.optim.SGD"),
-    "reference": ("ours", "reference LRN"),
-    "fast-lrn": ("ours", "fast LRN"),
-    "fast-step": ("ours", "fast step"),
+    "reference": ("ours", "reference LRN (F.local_response_norm), eager"),
+    "fast": ("ours", "fast: LRN operator, channels_last, eager"),
+    "fast-compiled": ("ours", "fast + torch.compile"),
 }
+# The rows `bench model --device cpu` measures unless told otherwise: each precision where it
+# means something on a CPU (bf16 only pays where the CPU has native bf16: the header says).
+CPU_ROWS = [("torchvision", "fp32"), ("torchvision", "bf16"), ("reference", "fp32"),
+            ("fast", "fp32"), ("fast", "bf16"), ("fast-compiled", "bf16")]
 
 
 def torchvision_step(batch: int, precision: str, device: torch.device) -> Callable[[], None]:
@@ -210,18 +215,25 @@ def torchvision_step(batch: int, precision: str, device: torch.device) -> Callab
 def ours_step(variant: str, batch: int, precision: str,
               device: torch.device) -> tuple[Callable[[], object], AlexNet, PaperSGD]:
     """The paper's net (1000 classes) and PaperSGD through `train.train_step`, with the flags of
-    `variant`: reference (eager, F.local_response_norm), fast-lrn (the fused LRN), fast-step
-    (fused LRN + channels_last + torch.compile: train.py's fast path)."""
-    fused = variant in ("fast-lrn", "fast-step")
-    if fused and device.type != "cuda":
-        raise Unavailable("the fused LRN is a Triton kernel, CUDA only")
-    fast = variant == "fast-step"
-    t = override(TrainConfig(), {"precision": precision, "fused_lrn": fused, "channels_last": fast, "compile": fast})
+    `variant`: reference (eager, F.local_response_norm, NCHW), fast (the LRN operator,
+    channels_last: what fused_lrn=True channels_last=True give train.py), fast-compiled (the
+    same under torch.compile). The batch arrives in the layout the step wants, as the loader
+    delivers it."""
+    fast = variant in ("fast", "fast-compiled")
+    if fast and device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (the CUDA side of the LRN operator)
+        except ImportError:
+            raise Unavailable("the CUDA LRN operator needs triton") from None
+    t = override(TrainConfig(), {"precision": precision, "fused_lrn": fast, "channels_last": fast,
+                                 "compile": variant == "fast-compiled"})
     model = AlexNet(devices=(device,))
     model.set_fused_lrn(t.fused_lrn)
     optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
     module = step_module(model, t)
     x, y = synthetic_batch(batch, 1000, device)
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         return train_step(module, optimizer, x, y, n=batch, precision=t.precision, channels_last=t.channels_last)
@@ -318,10 +330,19 @@ def bench_model(args: argparse.Namespace) -> int:
     forward + backward + optimiser update on a synthetic batch; img/s from the median step time."""
     device = open_device(args.device)
     cpu = device.type == "cpu"
-    batch_sizes = args.batch_sizes or ([16] if cpu else [128, 512])
+    batch_sizes = args.batch_sizes or ([32] if cpu else [128, 512])
     steps = args.steps or (3 if cpu else 30)
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    if cpu and args.variants is None and args.precisions is None:
+        rows = [(b, p, v) for b in batch_sizes for v, p in CPU_ROWS]
+    else:
+        rows = [(b, p, v) for b, p, v in itertools.product(
+            batch_sizes, args.precisions or ["fp32", "bf16"], args.variants or list(VARIANTS))]
     notes = []
+    if cpu:
+        notes.append(f"native bf16: {'yes' if native_bf16(device) else 'no (bf16 is emulated: expect it slower than fp32)'}; "
+                     f"LRN operator: {'C kernel' if lrn_op.kernel_available() else 'plain PyTorch fallback (no C compiler)'}; "
+                     f"{torch.get_num_threads()} threads")
     if device.type == "cuda":
         # Every row runs under the same process-wide settings: fp32 matmuls and convolutions may
         # use TF32 (the issue's "fp32/tf32"), and cuDNN picks its kernels by timing them (as
@@ -331,11 +352,11 @@ def bench_model(args: argparse.Namespace) -> int:
         notes.append("fp32 rows: TF32 allowed for matmuls and convolutions in every row (train.py itself "
                      "leaves torch's defaults: TF32 convolutions, fp32 matmuls); cudnn.benchmark on")
     results, profiles, failed = [], {}, False
-    for batch, precision, variant in itertools.product(batch_sizes, args.precisions, args.variants):
+    for batch, precision, variant in rows:
         result = {"variant": variant, "batch": batch, "precision": precision, "img_s": None, "note": ""}
         what = f"{' / '.join(VARIANTS[variant])}, batch {batch}, {precision}"
         try:
-            if variant == "fast-step":
+            if variant == "fast-compiled":
                 torch.compiler.reset()  # a fresh compile per row: no shapes or guards carried over
             if variant == "torchvision":
                 step, model = torchvision_step(batch, precision, device), None
@@ -344,13 +365,13 @@ def bench_model(args: argparse.Namespace) -> int:
             seconds = statistics.median(step_times(step, steps=steps, warmup=warmup, device=device))
             result["img_s"] = batch / seconds
             print(f"{what}: {1000 * seconds:.1f} ms/step, {batch / seconds:,.0f} img/s", flush=True)
-            if args.profile and variant in ("reference", "fast-lrn"):
+            if args.profile and variant in ("reference", "fast"):
                 clock = LayerClock(model, optimizer, device)
                 profiles[f"{VARIANTS[variant][1]}, b{batch} {precision}"] = clock.run(step, steps)
         except Unavailable as e:
             result["note"] = str(e)
             print(f"{what}: n/a ({e})", flush=True)
-        except RuntimeError as e:  # out of memory, a failed compile: report it, measure the other rows
+        except Exception as e:  # out of memory, a failed compile (Triton's errors are no RuntimeError): report it, measure the other rows
             failed = True
             result["note"] = f"failed: {type(e).__name__}"
             print(f"{what}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -374,12 +395,15 @@ def bench_model(args: argparse.Namespace) -> int:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if visible)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                   help="default 128 512 on CUDA, 16 on the CPU (there a row takes ~5-20 s on 2 cores)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+                   help="default 128 512 on CUDA, 32 on the CPU (there a row takes ~10-30 s on 2 cores, "
+                        "the compiled one ~2 min)")
+    p.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
+                   help="default fp32 and bf16 (on the CPU, with no --variants: the rows of CPU_ROWS)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                   help="rows to measure (default all); fast-lrn and fast-step need CUDA")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="rows to measure (default all; on the CPU: torchvision fp32/bf16, reference fp32, "
+                        "fast fp32/bf16, fast-compiled bf16)")
     p.add_argument("--profile", action="store_true",
                    help="also print each layer's share of our eager net's step (conv1 ... fc8, optimiser)")
 

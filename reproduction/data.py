@@ -197,10 +197,12 @@ def lighting_noise(alpha: Tensor, stats: Stats, config: DataConfig) -> Tensor:
 
 # --------------------------------------------------------------------------------------- views
 
-def crop_patches(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, size: int) -> Tensor:
+def crop_patches(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, size: int,
+                 channels_last: bool = False) -> Tensor:
     """Patch i = images[i] cut size×size at (top[i], left[i]), reflected left-right where flip[i].
     Pure selection (two gathers), so it is exact and identical on every device.
-    images: N×C×H×W, or C×H×W shared by every patch (the mean image)."""
+    images: N×C×H×W, or C×H×W shared by every patch (the mean image). channels_last: the
+    patches are gathered in N×H×W×C memory (what the fast step wants), the same values."""
     d, n = images.device, len(top)
     if images.dim() == 3:
         images = images.expand(n, *images.shape)
@@ -208,6 +210,9 @@ def crop_patches(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, size: 
     rows = top.to(d)[:, None] + ar                                            # N×size
     cols = left.to(d)[:, None] + torch.where(flip.to(d)[:, None], ar.flip(0), ar)
     c, w = images.shape[1], images.shape[3]
+    if channels_last:  # the same gathers over an N×H×W×C view
+        x = torch.gather(images.permute(0, 2, 3, 1), 1, rows[:, :, None, None].expand(n, size, w, c))
+        return torch.gather(x, 2, cols[:, None, :, None].expand(n, size, size, c)).permute(0, 3, 1, 2)
     x = torch.gather(images, 2, rows[:, None, :, None].expand(n, c, size, w))
     return torch.gather(x, 3, cols[:, None, None, :].expand(n, c, size, size))
 
@@ -230,10 +235,11 @@ def upsample(images: Tensor) -> Tensor:
 
 
 def view_batch(images: Tensor, mean: Tensor, config: DataConfig, top: Tensor, left: Tensor,
-               flip: Tensor, noise: Tensor | None = None) -> Tensor:
+               flip: Tensor, noise: Tensor | None = None, channels_last: bool = False) -> Tensor:
     """Decoded images N×3×S×S (uint8, or float from `upsample`) → float32 N×3×crop×crop views at
-    (top, left, flip), mean-centred, with lighting `noise` (N×3, 0–255 units) added when given."""
-    x = crop_patches(upsample(images), top, left, flip, config.crop).float()
+    (top, left, flip), mean-centred, with lighting `noise` (N×3, 0–255 units) added when given;
+    in channels_last memory if asked (the values do not change)."""
+    x = crop_patches(upsample(images), top, left, flip, config.crop, channels_last).float()
     if config.mean == "centre":
         # cuda-convnet2 subtracts the mean image's centre patch whatever the patch's offset
         # (and after the reflection); §2 does not say which part of the mean a patch gets.
@@ -277,12 +283,13 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def train_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_size: int,
                   seed: int, epoch: int, device: str | torch.device = "cpu", start_batch: int = 0,
-                  workers: int | None = None,
-                  shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
+                  workers: int | None = None, shard: tuple[int, int] = (0, 1),
+                  channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Epoch `epoch` as (images B×3×crop×crop float32, labels B int64) on `device`, from batch
     `start_batch` on (resume). workers: threads (None: one per core, capped at 8; 0: none);
     results do not depend on it. shard=(rank, world): this replica's slice of every batch
-    (`shard_range`), with the draws the whole batch gets; batch_size is the global batch."""
+    (`shard_range`), with the draws the whole batch gets; batch_size is the global batch.
+    channels_last: the images in channels_last memory, made so by the workers (same values)."""
     _check_args(dataset, batch_size, workers, seed=seed, epoch=epoch)
     rank, world = shard
     shard_range(0, rank, world)  # checks the shard
@@ -299,15 +306,16 @@ def train_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch
         noise = lighting_noise(d.alpha, stats, config).float()
         return idx[part], [dict(top=d.top[part], left=d.left[part], flip=d.flip[part], noise=noise[part])]
 
-    return _deliver(dataset, stats, config, map(plan, range(start_batch, n)), device, workers)
+    return _deliver(dataset, stats, config, map(plan, range(start_batch, n)), device, workers, channels_last)
 
 
 def eval_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_size: int,
                  device: str | torch.device = "cpu", ten_patch: bool = False,
-                 workers: int | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
+                 workers: int | None = None, shard: tuple[int, int] = (0, 1),
+                 channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """The split in stored order as (images, labels): images B×3×crop×crop (the centre patch), or
-    B×10×3×crop×crop with ten_patch (views in `ten_patch_offsets` order). batch_size counts images;
+    B×10×3×crop×crop with ten_patch (views in `ten_patch_offsets` order; with channels_last,
+    flattened to (B·10)×3×crop×crop it is channels_last). batch_size counts images;
     no lighting and no 1/(1 + lighting_std) scale (cuda-convnet2 applies both to training only).
     shard=(rank, world): batches k ≡ rank (mod world) only, so replicas together see every image
     once, in the batches one process would form."""
@@ -323,7 +331,7 @@ def eval_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_
         return idx, [dict(top=full(t), left=full(l), flip=full(f)) for t, l, f in offsets]
 
     plans = map(plan, range(rank, num_batches(len(dataset), batch_size), world))
-    return _deliver(dataset, stats, config, plans, device, workers)
+    return _deliver(dataset, stats, config, plans, device, workers, channels_last)
 
 
 def default_workers() -> int:
@@ -356,7 +364,7 @@ def _decode(data: list[Tensor], idx: Tensor, size: int, device: torch.device) ->
 
 
 def _deliver(dataset: PackedSet, stats: Stats, config: DataConfig, plans: Iterator, device,
-             workers: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+             workers: int | None, channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
@@ -368,8 +376,13 @@ def _deliver(dataset: PackedSet, stats: Stats, config: DataConfig, plans: Iterat
             patches = (3, config.crop, config.crop) if len(views) == 1 else (len(views), 3, config.crop, config.crop)
             return torch.zeros(0, *patches, device=device), dataset.labels[idx].to(device)
         images = upsample(_decode(data, idx, dataset.image_size, device))  # once for all views
-        out = [view_batch(images, mean, config, **v) for v in views]
-        images = out[0] if len(out) == 1 else torch.stack(out, dim=1)  # B×10×3×crop×crop
+        out = [view_batch(images, mean, config, **v, channels_last=channels_last) for v in views]
+        if len(out) == 1:
+            images = out[0]
+        elif channels_last:  # B×10×crop×crop×3 memory, so that flatten(0, 1) is channels_last
+            images = torch.stack([o.permute(0, 2, 3, 1) for o in out], dim=1).permute(0, 1, 4, 2, 3)
+        else:
+            images = torch.stack(out, dim=1)  # B×10×3×crop×crop
         return images, dataset.labels[idx].to(device)
 
     if device.type == "cpu":  # the workers do everything

@@ -33,6 +33,21 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether the device computes bf16 matrix products natively (CUDA: Ampere or later; CPU:
+    AVX512-BF16 or AMX on x86, the bf16 extension on Arm). Elsewhere bf16 is emulated and
+    slower than fp32, so precision=bf16 is a speed-up only where this is True."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: Stats,
              config: DataConfig | Sequence[DataConfig], *, ten_patch: bool, batch_size: int = 128,
@@ -61,7 +76,7 @@ def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: 
     # Models that read their input the same way share one stream of batches.
     streams = list(dict.fromkeys(configs))
     batches = [eval_batches(dataset, stats, c, batch_size=batch_size, device=device, ten_patch=ten_patch,
-                            workers=workers, shard=(rank, world)) for c in streams]
+                            workers=workers, shard=(rank, world), channels_last=channels_last) for c in streams]
     top1 = top5_hits = seen = 0
     loss = 0.0
     try:

@@ -37,16 +37,16 @@ def test_model_table_divides_by_torchvision_at_the_same_batch_and_precision():
         {"variant": "torchvision", "batch": 128, "precision": "fp32", "img_s": 1000.0, "note": ""},
         {"variant": "reference", "batch": 128, "precision": "fp32", "img_s": 1500.0, "note": ""},
         {"variant": "torchvision", "batch": 128, "precision": "bf16", "img_s": 4000.0, "note": ""},
-        {"variant": "fast-step", "batch": 128, "precision": "bf16", "img_s": 5000.0, "note": ""},
-        {"variant": "fast-lrn", "batch": 128, "precision": "bf16", "img_s": None, "note": "CUDA only"},
+        {"variant": "fast-compiled", "batch": 128, "precision": "bf16", "img_s": 5000.0, "note": ""},
+        {"variant": "fast", "batch": 128, "precision": "bf16", "img_s": None, "note": "needs triton"},
         {"variant": "reference", "batch": 512, "precision": "fp32", "img_s": 2048.0, "note": ""},  # no torchvision row
     ]
     header, *rows = table_rows(model_table(results))
     assert header == ["net", "variant", "batch", "precision", "img/s", "ms/step", "vs torchvision"]
     assert [r[6] for r in rows] == ["1.00×", "1.50×", "1.00×", "1.25×", "—", "—"]
-    assert rows[1][:5] == ["ours", "reference LRN", "128", "fp32", "1,500"]
+    assert rows[1][:5] == ["ours", "reference LRN (F.local_response_norm), eager", "128", "fp32", "1,500"]
     assert rows[1][5] == "85.3"  # 1000 · 128 / 1500 ms
-    assert rows[4][4] == "n/a: CUDA only"
+    assert rows[4][4] == "n/a: needs triton"
 
 
 def test_profile_table_shows_total_and_split_per_layer():
@@ -58,15 +58,22 @@ def test_profile_table_shows_total_and_split_per_layer():
 
 
 def test_bench_model_on_the_cpu(capsys):
-    assert main(["model", "--device", "cpu", "--batch-sizes", "2", "--precisions", "fp32", "--steps", "1",
-                 "--warmup", "1", "--profile"]) == 0
+    assert main(["model", "--device", "cpu", "--batch-sizes", "2", "--precisions", "fp32", "bf16",
+                 "--variants", "torchvision", "reference", "fast", "--steps", "1", "--warmup", "1",
+                 "--profile"]) == 0
     out = capsys.readouterr().out
     header, *rows = table_rows(out)
     assert header[-1] == "vs torchvision"
-    assert [(r[0], r[1]) for r in rows] == [("torchvision alexnet", "eager, torch.optim.SGD"),
-                                            ("ours", "reference LRN"), ("ours", "fast LRN"), ("ours", "fast step")]
-    assert rows[0][6] == "1.00×" and rows[1][6].endswith("×") and float(rows[1][4].replace(",", "")) > 0
-    assert rows[2][4].startswith("n/a: the fused LRN") and rows[3][6] == "—"  # no Triton on the CPU
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("torchvision alexnet", "eager, torch.optim.SGD", "fp32"),
+        ("ours", "reference LRN (F.local_response_norm), eager", "fp32"),
+        ("ours", "fast: LRN operator, channels_last, eager", "fp32"),
+        ("torchvision alexnet", "eager, torch.optim.SGD", "bf16"),
+        ("ours", "reference LRN (F.local_response_norm), eager", "bf16"),
+        ("ours", "fast: LRN operator, channels_last, eager", "bf16")]
+    assert rows[0][6] == rows[3][6] == "1.00×"
+    assert all(r[6].endswith("×") and float(r[4].replace(",", "")) > 0 for r in rows)
+    assert "native bf16: " in out and "LRN operator: " in out
     profile = out[out.index("Share of a training step"):]
     for layer in ("| conv1 |", "| lrn1 |", "| fc8 |", "| optimiser |"):
         assert layer in profile

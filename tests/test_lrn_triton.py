@@ -164,14 +164,16 @@ def test_interpreted_fused_model_matches_plain(interpreted):
     check_model(interpreted["model:paper"])
 
 
-def test_fused_flag_is_the_plain_path_on_cpu():
-    """Without CUDA (and without the interpreter) fused=True changes nothing and needs no triton."""
-    code = ("import sys, torch; from reproduction.model import AlexNet; "
+def test_fused_flag_on_cpu_needs_no_triton():
+    """Without CUDA (and without the interpreter) fused=True runs the LRN operator's CPU kernel
+    (tests/test_lrn.py), never a Triton kernel. (torch's own custom-op machinery may import the
+    triton package when it is installed; that is not ours.)"""
+    code = ("import sys, torch; from reproduction import lrn_triton; from reproduction.model import AlexNet; "
             "m = AlexNet().set_fused_lrn(True); assert m.lrn1.fused and m.lrn2.fused; "
             "x = torch.rand(1, 48, 5, 5); "
             "want = torch.nn.functional.local_response_norm(x, 5, 1e-4, 0.75, 2.0); "
-            "assert torch.equal(m.lrn1(x), want); "
-            "assert 'triton' not in sys.modules, 'triton imported on the CPU path'")
+            "torch.testing.assert_close(m.lrn1(x), want); "
+            "assert lrn_triton._kernels is None, 'Triton kernels made on the CPU path'")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -1,0 +1,239 @@
+"""§3.3's local response normalisation as one registered operator, `reproduction::lrn`, with a
+fast implementation on each device. A performance path (`AlexNet.set_fused_lrn(True)`,
+TrainConfig.fused_lrn), not in the paper: it computes what `F.local_response_norm` computes
+(the oracle in the tests), windows clipped at the edges of each of `groups` channel groups
+(the towers, §3.2):
+
+    b_i = a_i / d_i^β,   d_i = k + (α/size)·Σ_{j=i-size//2}^{i+(size-1)//2} a_j²
+
+- CPU: `lrn_cpu.c`, one pass over the tensor each way, fp32 arithmetic for bf16 inputs, the
+  backward recomputing d from the row instead of saving it. Built with the system's C compiler
+  (`cc`, or $CC) on first use into ~/.cache/reproduction (about a second); without a compiler
+  the operator falls back to plain PyTorch (the same formula, slower) and says so once.
+- CUDA: the Triton kernels of `lrn_triton.py`.
+
+Why an operator: `torch.compile` sees it as one node (its shape function is registered), so the
+compiled step neither breaks its graph at the LRN nor traces into a kernel, and autograd calls
+the registered backward operator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("lrn_cpu.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def local_response_norm(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int = 1) -> Tensor:
+    """`F.local_response_norm(x, size, alpha, beta, k)` on each of `groups` equal channel
+    groups of the N×C×H×W tensor x, as one operator (differentiable once)."""
+    if x.dim() != 4:
+        raise ValueError(f"LRN takes an N×C×H×W tensor, got shape {tuple(x.shape)}")
+    if size < 1 or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"LRN needs size >= 1 and {x.shape[1]} channels in {groups} equal groups")
+    return torch.ops.reproduction.lrn(x, int(size), float(alpha), float(beta), float(k), int(groups))
+
+
+# --------------------------------------------------------------------------- the operators
+
+@torch.library.custom_op("reproduction::lrn", mutates_args=())
+def _lrn(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
+    return _cpu(x, None, size, alpha, beta, k, groups)
+
+
+@torch.library.custom_op("reproduction::lrn_backward", mutates_args=())
+def _lrn_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float,
+                  groups: int) -> Tensor:
+    return _cpu(x, grad, size, alpha, beta, k, groups)
+
+
+@_lrn.register_fake
+def _(x, size, alpha, beta, k, groups):
+    return torch.empty_like(x)
+
+
+@_lrn_backward.register_fake
+def _(x, grad, size, alpha, beta, k, groups):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, *ctx.args = inputs
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.reproduction.lrn_backward(x, grad, *ctx.args), None, None, None, None, None
+
+
+_lrn.register_autograd(_backward, setup_context=_setup_context)
+
+
+@_lrn.register_kernel("cuda")
+def _triton(x, size, alpha, beta, k, groups):
+    from reproduction import lrn_triton
+    parts = [lrn_triton._forward(p, size, alpha, beta, k, keep_d=False)[0] for p in x.chunk(groups, 1)]
+    return _like(x, parts)
+
+
+@_lrn_backward.register_kernel("cuda")
+def _triton_backward(x, grad, size, alpha, beta, k, groups):
+    from reproduction import lrn_triton
+    parts = []
+    for xp, gp in zip(x.chunk(groups, 1), grad.chunk(groups, 1)):
+        _, d = lrn_triton._forward(xp, size, alpha, beta, k, keep_d=True)  # d again: one more pass, no saved tensor
+        parts.append(lrn_triton._backward(xp, d, gp, size, alpha, beta))
+    return _like(x, parts)
+
+
+def _like(x: Tensor, parts: list[Tensor]) -> Tensor:
+    """The groups' results in one tensor with the strides `empty_like(x)` has (what the
+    registered shape function promises torch.compile)."""
+    out = torch.empty_like(x)
+    if len(parts) == 1 and parts[0].stride() == out.stride():
+        return parts[0]
+    out.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return out
+
+
+# ------------------------------------------------------------------------- the CPU kernel
+
+def _cpu(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the tests of the CUDA kernels, run on the CPU
+        return (_triton(x, size, alpha, beta, k, groups) if grad is None
+                else _triton_backward(x, grad, size, alpha, beta, k, groups))
+    lib = library() if x.dtype in _DTYPES and (grad is None or grad.dtype == x.dtype) else None
+    if lib is None:
+        return reference(x, grad, size, alpha, beta, k, groups)
+    out = _rows(torch.empty_like(x))  # the strides the registered shape function promises
+    x = _rows(x)
+    if grad is not None:
+        grad = _rows(grad)
+    if x.numel():
+        n, c, h, w = x.shape
+        strides = [_strides(t) for t in (x, grad, out) if t is not None]
+        failed = lib.lrn(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(0 if grad is None else grad.data_ptr()),
+                         ctypes.c_void_p(out.data_ptr()), _DTYPES[x.dtype], n, c, h * w,
+                         strides[0], strides[1] if grad is not None else None, strides[-1],
+                         size, groups, alpha / size, beta, k, int(grad is not None), torch.get_num_threads())
+        if failed:
+            raise MemoryError("the CPU LRN kernel could not allocate its row buffers")
+    return out
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t, or a copy whose pixels p = h·W + w sit at a uniform stride (the kernel's addressing)."""
+    n, c, h, w = t.shape
+    sp = t.stride(3) if w > 1 else t.stride(2) if h > 1 else 1
+    if (w > 1 and t.stride(3) != sp) or (h > 1 and t.stride(2) != w * sp):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _strides(t: Tensor):
+    n, c, h, w = t.shape
+    sp = t.stride(3) if w > 1 else t.stride(2) if h > 1 else 1
+    return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), sp)
+
+
+def reference(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float, k: float,
+              groups: int = 1) -> Tensor:
+    """The operator in plain PyTorch (fp32 arithmetic): F.local_response_norm per group, and
+    its gradient by autograd. The fallback where the kernel cannot be built, and the oracle."""
+    with torch.enable_grad():
+        a = x.detach().float().requires_grad_(grad is not None)
+        y = torch.cat([F.local_response_norm(p, size, alpha=alpha, beta=beta, k=k)
+                       for p in a.chunk(groups, 1)], dim=1)
+        if grad is not None:
+            (y,) = torch.autograd.grad(y, a, grad.float())
+    out = torch.empty_like(x)
+    out.copy_(y)
+    return out
+
+
+_lib = None
+_lib_lock = threading.Lock()
+_lib_tried = False
+
+
+def library():
+    """The compiled CPU kernel (ctypes), built on first use; None where it cannot be built."""
+    global _lib, _lib_tried
+    if _lib_tried:
+        return _lib
+    with _lib_lock:
+        if not _lib_tried:
+            try:
+                _lib = _load(_build())
+            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                print(f"warning: the CPU LRN kernel could not be built ({e}); using the plain PyTorch "
+                      f"LRN instead (same formula, slower). Install a C compiler (gcc) for the fast one.",
+                      file=sys.stderr)
+            _lib_tried = True
+    return _lib
+
+
+def kernel_available() -> bool:
+    return library() is not None
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    cpu = _cpu_model()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, cpu]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reproduction"
+    target = cache / f"lrn_cpu-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".lrn_cpu-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # another process building the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.lrn.argtypes = [p, p, p, ctypes.c_int, i64, i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64),
+                        ctypes.POINTER(i64), ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                        ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.lrn.restype = ctypes.c_int
+    return lib
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "")
+        flags = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("flags")), "")
+        return model + " " + flags
+    except OSError:
+        return platform.processor() or platform.machine()
