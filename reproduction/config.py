@@ -249,6 +249,10 @@ class RunConfig:
                 object.__setattr__(self, f.name, from_dict(kind, value))
             elif not isinstance(value, kind):
                 raise ValueError(f"RunConfig.{f.name} must be a {kind.__name__}, got {type(value).__name__}")
+        absent = sorted(set(self.train.freeze) - set(weight_layers(self.model)))
+        if absent:  # e.g. freeze=conv6 without conv6=True, or a layer remove_conv left out
+            raise ValueError(f"TrainConfig.freeze names {', '.join(absent)}, which this net does not have; "
+                             f"its layers are {', '.join(weight_layers(self.model))}")
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,14 @@ def test_lighting_rescale_is_its_own_switch():
         plain = view_batch(images, mean, DataConfig(lighting=lighting, lighting_rescale=False), noise=noise, **at)
         assert torch.allclose(plain, 100 + noise[:, :, None, None].expand_as(plain))
         assert torch.allclose(kept, plain / 1.1)
+
+
+def test_freeze_must_name_layers_the_net_has():
+    import pytest
+
+    from reproduction.config import override
+    assert override(RunConfig(), {"conv6": True, "freeze": ("conv6",)}).train.freeze == ("conv6",)
+    with pytest.raises(ValueError, match="conv3, which this net does not have"):
+        override(RunConfig(), {"remove_conv": "conv3", "freeze": ("conv1", "conv3")})
+    with pytest.raises(ValueError, match="conv6"):
+        override(RunConfig(), {"freeze": ("conv6",)})
