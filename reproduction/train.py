@@ -29,16 +29,17 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from reproduction import runs
 from reproduction.config import RunConfig, TrainConfig, override
-from reproduction.data import num_batches, train_batches
+from reproduction.data import epoch_order, num_batches, train_batches
 from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import autocast, evaluate, final_metrics
@@ -266,6 +267,16 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             f"{', '.join(map(str, devices))}")
 
     # stuck_steps=0: scaled with the epoch (half an ILSVRC epoch is too soon for the paper's init).
+    def keep_progress() -> str:
+        """The loader failed: checkpoint the steps taken so far (one process; under torchrun the
+        other ranks are mid-collective, so the last checkpoint stands)."""
+        if replicas.started:
+            return f"the last checkpoint stands ({guard.checkpoint_note})"
+        if pending:
+            _read_back(pending, sums, guard, replicas, position["step"], lr, False)
+        save(position)
+        return f"the progress is checkpointed at {position_text(position)}"
+
     guard = Guard(classes, t.stuck_steps or max(5000, 3 * num_batches(len(train_set), t.batch_size)), log)
     if resume:
         guard.checkpoint_note = f"The checkpoint this run resumed from ({position_text(position)}) is kept"
@@ -302,6 +313,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             batches = train_batches(train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed,
                                     epoch=epoch, device=home, start_batch=position["batch"], workers=workers,
                                     shard=(replicas.rank, replicas.world))  # this replica's slice
+            batches = _naming_bad_images(batches, train_set, epoch_order(len(train_set), seed=t.seed, epoch=epoch),
+                                         t.batch_size, position["batch"], keep_progress)
             pending: list[tuple[Tensor, Tensor, int]] = []  # steps not yet read back from the device
             for k, (x, y) in enumerate(batches, start=position["batch"]):
                 n = min(t.batch_size, len(train_set) - k * t.batch_size)  # images in the global batch
@@ -415,6 +428,39 @@ def _read_back(pending: list[tuple[Tensor, Tensor, int]], sums: dict, guard: Gua
         sums["images"] += n
     pending.clear()
     return bool(stop)
+
+
+def _naming_bad_images(batches: Iterator[tuple[Tensor, Tensor]], dataset, order: Tensor, batch_size: int,
+                       start: int, keep_progress: Callable[[], str]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loader's batches. One that cannot be decoded (a damaged JPEG inside <split>.jpg.bin)
+    keeps the progress and names its image(s) instead of a decoder traceback."""
+    k, batches = start, iter(batches)
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            bad = _undecodable(dataset, order[k * batch_size:(k + 1) * batch_size].tolist())
+            if not bad:
+                raise
+            kept = keep_progress()
+            raise UserError(f"{dataset.root / (dataset.split + '.jpg.bin')}: {', '.join(bad[:5])} cannot be decoded "
+                            f"({str(e).splitlines()[0][:80]}); {kept}. Re-prepare the set from its source "
+                            "(python -m data_prep ... --force), then --resume") from None
+        yield item
+        k += 1
+
+
+def _undecodable(dataset, indices: list[int]) -> list[str]:
+    names = (dataset.root / f"{dataset.split}.names.txt").read_text().splitlines()
+    bad = []
+    for i in indices:
+        try:
+            decode_jpeg(dataset.encoded([i])[0], mode=ImageReadMode.RGB)
+        except RuntimeError:
+            bad.append(f"image {i} ({names[i] if i < len(names) else '?'})")
+    return bad
 
 
 def load_pretrained(model: AlexNet, path: Path) -> str:

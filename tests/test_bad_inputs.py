@@ -643,6 +643,22 @@ def test_labels_ignore_hidden_names_and_list_odd_entries(world, tmp_path):
         assert not any(".hidden" in s["name"] or "ipynb" in s["name"] for s in m["skipped"])
 
 
+def test_a_damaged_jpeg_in_the_packed_set_is_named_and_the_progress_kept(world, tmp_path, capsys):
+    from reproduction.data import epoch_order
+    data = prepared_copy(world, tmp_path / "data")
+    index = np.load(data / "train.index.npy")
+    victim = int(epoch_order(16, seed=3, epoch=0)[4])  # the first image of batch 2 (batch_size 4)
+    offset, length, _ = index[victim]
+    with open(data / "train.jpg.bin", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * length)
+    out = tmp_path / "run"
+    assert train_main(["--data", str(data), "--out", str(out), *TINY_SET, "--set", *RECIPE]) == 2
+    err = capsys.readouterr().err
+    assert f"image {victim} (train_{victim}.JPEG)" in err and "train.jpg.bin" in err and "Traceback" not in err
+    assert runs.load_checkpoint(out / runs.CHECKPOINT)["position"]["batch"] == 1  # the step before it
+
+
 def test_experiments_cache_follows_its_source(tmp_path, monkeypatch):
     """The decoded cache is keyed by the tars' paths and contents: other data rebuilds it."""
     from reproduction import cifar
