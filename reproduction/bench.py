@@ -181,7 +181,7 @@ class Unavailable(Exception):
 VARIANTS = {
     "torchvision": ("torchvision alexnet", "eager, torch.optim.SGD"),
     "reference": ("ours", "reference LRN (F.local_response_norm), eager"),
-    "fast": ("ours", "fast: LRN operator, channels_last, eager"),
+    "fast": ("ours", "fast: LRN operator, one-pass update, channels_last, eager"),
     "fast-compiled": ("ours", "fast + torch.compile"),
 }
 # The rows `bench model --device cpu` measures unless told otherwise: each precision where it
@@ -215,9 +215,9 @@ def torchvision_step(batch: int, precision: str, device: torch.device) -> Callab
 def ours_step(variant: str, batch: int, precision: str,
               device: torch.device) -> tuple[Callable[[], object], AlexNet, PaperSGD]:
     """The paper's net (1000 classes) and PaperSGD through `train.train_step`, with the flags of
-    `variant`: reference (eager, F.local_response_norm, NCHW), fast (the LRN operator,
-    channels_last: what fused_lrn=True channels_last=True give train.py), fast-compiled (the
-    same under torch.compile). The batch arrives in the layout the step wants, as the loader
+    `variant`: reference (eager, F.local_response_norm, NCHW), fast (the LRN operator, the
+    one-pass update, channels_last: what fused_lrn=True fused_sgd=True channels_last=True give
+    train.py), fast-compiled (the same under torch.compile). The batch arrives in the layout the step wants, as the loader
     delivers it."""
     fast = variant in ("fast", "fast-compiled")
     if fast and device.type == "cuda":
@@ -225,11 +225,12 @@ def ours_step(variant: str, batch: int, precision: str,
             import triton  # noqa: F401  (the CUDA side of the LRN operator)
         except ImportError:
             raise Unavailable("the CUDA LRN operator needs triton") from None
-    t = override(TrainConfig(), {"precision": precision, "fused_lrn": fast, "channels_last": fast,
-                                 "compile": variant == "fast-compiled"})
+    t = override(TrainConfig(), {"precision": precision, "fused_lrn": fast, "fused_sgd": fast,
+                                 "channels_last": fast, "compile": variant == "fast-compiled"})
     model = AlexNet(devices=(device,))
     model.set_fused_lrn(t.fused_lrn)
-    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+                         fused=t.fused_sgd)
     module = step_module(model, t)
     x, y = synthetic_batch(batch, 1000, device)
     if t.channels_last:
@@ -425,7 +426,8 @@ def bench_train(args: argparse.Namespace) -> int:
     torch.manual_seed(t.seed)
     model = AlexNet(config.model, devices=(device,))
     model.set_fused_lrn(t.fused_lrn)
-    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+                         fused=t.fused_sgd)
     module = step_module(model, t)
     workers = default_workers() if args.workers is None else args.workers
 

@@ -211,7 +211,8 @@ class TrainConfig:
     precision: str = "fp32"                # "fp32" (the paper's) | "bf16" autocast (opt-in, not in the paper)
     channels_last: bool = False            # opt-in memory format (not in the paper)
     compile: bool = False                  # opt-in torch.compile (not in the paper)
-    fused_lrn: bool = False                # opt-in Triton kernel for §3.3's LRN on CUDA: the same formula, one fused pass (not in the paper)
+    fused_lrn: bool = False                # opt-in: §3.3's LRN as one operator, one pass each way (C on the CPU, Triton on CUDA); the same formula (not in the paper)
+    fused_sgd: bool = False                # opt-in: §5's update in one C pass per CPU parameter instead of four foreach passes; the same formula and order
     deterministic: bool = False            # torch.use_deterministic_algorithms (bit-exact reruns, slower on GPU)
 
     def __post_init__(self) -> None:

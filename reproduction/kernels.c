@@ -1,5 +1,6 @@
-/* §3.3's local response normalisation on the CPU, one pass each way (reproduction/lrn.py
- * builds this file with the system's C compiler on first use and calls it through ctypes).
+/* The CPU kernels of the fast path (reproduction/kernels.py builds this file with the system's
+ * C compiler on first use and calls it through ctypes): §3.3's LRN, one pass each way
+ * (reproduction/lrn.py), and §5's update in one pass (reproduction/optim.py).
  *
  *   b_i = a_i / d_i^β,   d_i = k + c·Σ_{j=i-lo}^{i+hi} a_j²,   lo = size/2, hi = (size-1)/2,
  *
@@ -149,4 +150,42 @@ int lrn(const void *x, const void *g, void *out, int dtype, int64_t n, int64_t c
         if (started[t]) { pthread_join(ids[t], &status); failed |= status != NULL; }
     }
     return failed;
+}
+
+/* §5's update, v ← μ·v − wd·ε·w − ε·g ; w ← w + v, for one fp32 parameter in one pass (read
+ * v, w, g; write v, w) instead of the four passes of the foreach form (optim.PaperSGD, the
+ * reference). a = −wd·ε, b = −ε. Each element's arithmetic is in the reference's order
+ * (μ·v first, then the decay, then the gradient), each product and sum rounded to fp32. */
+typedef struct { float *w, *v; const float *g; int64_t n0, n1; float mu, a, b; } SgdJob;
+
+static void *sgd_run(void *arg) {
+    const SgdJob *j = (const SgdJob *)arg;
+    float *w = j->w, *v = j->v;
+    const float *g = j->g;
+    const float mu = j->mu, a = j->a, b = j->b;
+    for (int64_t i = j->n0; i < j->n1; i++) {
+        float vi = v[i] * mu;
+        vi = vi + a * w[i];
+        vi = vi + b * g[i];
+        v[i] = vi;
+        w[i] = w[i] + vi;
+    }
+    return NULL;
+}
+
+void paper_sgd(float *w, float *v, const float *g, int64_t n, float mu, float a, float b, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if ((int64_t)threads > n / 65536) threads = n / 65536 > 0 ? (int)(n / 65536) : 1;
+    SgdJob jobs[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (int t = 0; t < threads; t++) {
+        SgdJob s = {w, v, g, n * t / threads, n * (t + 1) / threads, mu, a, b};
+        jobs[t] = s;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, sgd_run, &jobs[t]) == 0;
+    for (int t = 1; t < threads; t++) if (!started[t]) sgd_run(&jobs[t]);
+    sgd_run(&jobs[0]);
+    for (int t = 1; t < threads; t++) if (started[t]) pthread_join(ids[t], NULL);
 }

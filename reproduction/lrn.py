@@ -6,10 +6,10 @@ TrainConfig.fused_lrn), not in the paper: it computes what `F.local_response_nor
 
     b_i = a_i / d_i^β,   d_i = k + (α/size)·Σ_{j=i-size//2}^{i+(size-1)//2} a_j²
 
-- CPU: `lrn_cpu.c`, one pass over the tensor each way, fp32 arithmetic for bf16 inputs, the
-  backward recomputing d from the row instead of saving it. Built with the system's C compiler
-  (`cc`, or $CC) on first use into ~/.cache/reproduction (about a second); without a compiler
-  the operator falls back to plain PyTorch (the same formula, slower) and says so once.
+- CPU: `kernels.c`'s `lrn`, one pass over the tensor each way, fp32 arithmetic for bf16
+  inputs, the backward recomputing d from the row instead of saving it (`kernels.py` builds it
+  on first use; without a C compiler the operator falls back to plain PyTorch, the same
+  formula, slower, and says so once).
 - CUDA: the Triton kernels of `lrn_triton.py`.
 
 Why an operator: `torch.compile` sees it as one node (its shape function is registered), so the
@@ -20,22 +20,14 @@ the registered backward operator.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("lrn_cpu.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+from reproduction import kernels
+
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -118,7 +110,7 @@ def _cpu(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float, k
     if os.environ.get("TRITON_INTERPRET") == "1":  # the tests of the CUDA kernels, run on the CPU
         return (_triton(x, size, alpha, beta, k, groups) if grad is None
                 else _triton_backward(x, grad, size, alpha, beta, k, groups))
-    lib = library() if x.dtype in _DTYPES and (grad is None or grad.dtype == x.dtype) else None
+    lib = kernels.library() if x.dtype in _DTYPES and (grad is None or grad.dtype == x.dtype) else None
     if lib is None:
         return reference(x, grad, size, alpha, beta, k, groups)
     out = _rows(torch.empty_like(x))  # the strides the registered shape function promises
@@ -167,73 +159,5 @@ def reference(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: flo
     return out
 
 
-_lib = None
-_lib_lock = threading.Lock()
-_lib_tried = False
-
-
-def library():
-    """The compiled CPU kernel (ctypes), built on first use; None where it cannot be built."""
-    global _lib, _lib_tried
-    if _lib_tried:
-        return _lib
-    with _lib_lock:
-        if not _lib_tried:
-            try:
-                _lib = _load(_build())
-            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                print(f"warning: the CPU LRN kernel could not be built ({e}); using the plain PyTorch "
-                      f"LRN instead (same formula, slower). Install a C compiler (gcc) for the fast one.",
-                      file=sys.stderr)
-            _lib_tried = True
-    return _lib
-
-
 def kernel_available() -> bool:
-    return library() is not None
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    cpu = _cpu_model()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, cpu]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reproduction"
-    target = cache / f"lrn_cpu-{key}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".lrn_cpu-", suffix=".so")
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                              text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # another process building the same key writes the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load(path: Path):
-    lib = ctypes.CDLL(str(path))
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.lrn.argtypes = [p, p, p, ctypes.c_int, i64, i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64),
-                        ctypes.POINTER(i64), ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
-                        ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.lrn.restype = ctypes.c_int
-    return lib
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "")
-        flags = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("flags")), "")
-        return model + " " + flags
-    except OSError:
-        return platform.processor() or platform.machine()
+    return kernels.library() is not None

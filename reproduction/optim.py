@@ -23,13 +23,20 @@ from torch import nn
 
 class PaperSGD(torch.optim.Optimizer):
     """§5's momentum SGD with ε inside the velocity. `weight_decay` per parameter group, so
-    `paper_param_groups` can exempt biases. Changing `group["lr"]` is a learning-rate drop."""
+    `paper_param_groups` can exempt biases. Changing `group["lr"]` is a learning-rate drop.
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
+    fused=True (TrainConfig.fused_sgd, a performance switch): fp32 CPU parameters are updated
+    by one C pass each (kernels.c's paper_sgd: read v, w, g, write v, w) instead of the four
+    foreach passes; the same formula in the same order, without fused multiply-adds. Other
+    parameters (CUDA, other dtypes, or no C compiler) take the foreach form."""
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 fused: bool = False):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not value >= 0:
                 raise ValueError(f"PaperSGD {name} must be >= 0, got {value}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,8 +54,16 @@ class PaperSGD(torch.optim.Optimizer):
                 state = self.state[p]
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p)
+                elif state["velocity"].stride() != p.stride():
+                    # loaded before the net went channels_last: match the parameter's layout once,
+                    # else every foreach op below takes its slow mixed-layout path
+                    state["velocity"] = torch.empty_like(p).copy_(state["velocity"])
                 velocity.append(state["velocity"])
             grads = [p.grad for p in params]
+            if self.fused:
+                params, velocity, grads = _fused_update(params, velocity, grads, lr, mu, wd)
+                if not params:
+                    continue
             # v ← μ·v − wd·ε·w − ε·g ; w ← w + v, as foreach ops (one kernel per op and device).
             torch._foreach_mul_(velocity, mu)
             if wd:
@@ -56,6 +71,25 @@ class PaperSGD(torch.optim.Optimizer):
             torch._foreach_add_(velocity, grads, alpha=-lr)
             torch._foreach_add_(params, velocity)
         return loss
+
+
+def _fused_update(params, velocity, grads, lr, mu, wd):
+    """Update the fp32 CPU parameters (dense, like their velocity and gradient) with the C
+    kernel; return the others, for the foreach form."""
+    from reproduction import kernels
+    lib = kernels.library()
+    rest = ([], [], [])
+    for p, v, g in zip(params, velocity, grads):
+        ok = (lib is not None and p.device.type == "cpu" and p.dtype == v.dtype == g.dtype == torch.float32
+              and p.stride() == v.stride() == g.stride()
+              and (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))))
+        if not ok:
+            for out, t in zip(rest, (p, v, g)):
+                out.append(t)
+            continue
+        lib.paper_sgd(p.data_ptr(), v.data_ptr(), g.data_ptr(), p.numel(), mu, -wd * lr, -lr,
+                      torch.get_num_threads())
+    return rest
 
 
 def paper_param_groups(model: nn.Module, weight_decay: float = 5e-4) -> list[dict]:
