@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from reproduction.config import override
+from reproduction.errors import UserError, run_cli
 from reproduction.experiments import EXPERIMENTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,6 @@ def find_cifar10(work: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from reproduction.errors import run_cli
     return run_cli(_main, argv)
 
 
@@ -88,6 +88,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     resume = (out / "checkpoint.pt").exists() and not (out / "final.json").exists()
     if (out / "final.json").exists():
         print(f"    {out} already holds a finished run: reporting it (delete the folder to train again)")
+    elif (out / "config.json").exists() and not resume:
+        raise UserError(f"{out} holds a run that stopped before its first checkpoint (config.json, no "
+                        "checkpoint.pt): delete that folder to train again")
     else:
         train(config, data, out, experiment="paper", resume=resume, devices=devices,
               command=["python", "-m", "reproduction", *argv])
