@@ -303,9 +303,10 @@ class RunFolder:
             self._fd = None
 
     def create(self) -> None:
-        """Make the folder and lock it; refuses one that holds run files."""
-        self.check_fresh()
+        """Make the folder and lock it; refuses one that holds run files. (A replica that does not
+        write checked with check_fresh before rank 0 began writing: nothing to do here.)"""
         if self.writer:
+            self.check_fresh()
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:

@@ -223,6 +223,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
         getattr(model, name).requires_grad_(False)
     optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
     position = {"epoch": 0, "batch": 0, "step": 0, "sums": _zero_sums()}
+    replicas.barrier()  # every rank has read and checked the folder before rank 0 writes it
     if resume:
         saved = runs.config_of(state, folder.checkpoint)
         runs.check_same_data(meta["data"], identity, out / "config.json")
