@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -209,14 +210,19 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
     identity = runs.data_identity(data_dir, train_set, val_set)
     devices = tuple(devices or parse_devices(None, config.model.towers))
     home = devices[0]  # batches arrive on tower A's device; conv1 hands them to each tower
-    if t.deterministic:  # process-wide; on CUDA also needs CUBLAS_WORKSPACE_CONFIG=:4096:8
-        torch.use_deterministic_algorithms(True)
+    lrn_operator = t.fused_lrn
+    if t.deterministic:  # process-wide; before the first cuBLAS call (the model's fc6 on CUDA)
+        if deterministic_setup(devices) and not lrn_operator:
+            lrn_operator = True
+            log("deterministic on CUDA: §3.3's LRN runs as the reproduction::lrn operator (its Triton "
+                "backward is deterministic; F.local_response_norm's avg_pool3d backward has no "
+                "deterministic CUDA kernel); the same formula")
     if home.type == "cuda":  # cuDNN times its kernels per shape and keeps the fastest (not bit-repeatable)
         torch.backends.cudnn.benchmark = not t.deterministic
 
     torch.manual_seed(t.seed)  # the initial weights (§5)
     model = AlexNet(config.model, devices=devices)
-    model.set_fused_lrn(t.fused_lrn)
+    model.set_fused_lrn(lrn_operator)
     if init_from is not None and not resume:
         log(load_pretrained(model, Path(init_from)))
     for name in t.freeze:  # fine-tuning: these layers keep their loaded weights
@@ -257,7 +263,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             "experiment": experiment, "config": runs.config_dict(config), "command": command,
             "git": runs.git_state(), "environment": runs.environment(devices), "data": identity,
             "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
-                                          "compile": t.compile, "deterministic": t.deterministic},
+                                          "compile": t.compile, "deterministic": t.deterministic,
+                                          "lrn_operator": lrn_operator},
             "distributed": replicas.describe() | {"global_batch": t.batch_size},
             "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
     step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
@@ -381,13 +388,33 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
     return final
 
 
+def deterministic_setup(devices: Sequence[torch.device]) -> bool:
+    """TrainConfig.deterministic: torch.use_deterministic_algorithms(True) for the process and,
+    when a tower is on CUDA, CUBLAS_WORKSPACE_CONFIG=:4096:8 unless the environment sets it
+    (cuBLAS raises without it; it must be set before the process's first cuBLAS call, which
+    `train` makes after this). Returns whether a tower is on CUDA, where the LRN must run as
+    the reproduction::lrn operator: F.local_response_norm's avg_pool3d backward has no
+    deterministic CUDA kernel, the operator's Triton backward (no atomics) is deterministic."""
+    torch.use_deterministic_algorithms(True)
+    cuda = any(torch.device(d).type == "cuda" for d in devices)
+    if cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return cuda
+
+
 def step_module(model: AlexNet, t: TrainConfig, replicas: Distributed | None = None) -> nn.Module:
     """What `train_step` calls: the net in channels_last, wrapped by DDP and compiled, as `t`
-    asks (opt-in speed flags; `model` itself is changed only in its memory format)."""
+    asks (opt-in speed flags; `model` itself is changed only in its memory format).
+
+    compile: dynamic=False. An epoch's last batch is partial (exact epochs keep it), so the
+    step sees two batch sizes. With dynamic=None the second size makes Dynamo recompile with a
+    symbolic batch dimension, and that one dynamic graph (slower, shape-generic kernels) then
+    serves every later full batch too. Static shapes give two graphs, each compiled once (the
+    partial batch's size is the same every epoch) and the full batch keeps its own."""
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     module = (replicas or Distributed()).wrap(model)
-    return torch.compile(module) if t.compile else module
+    return torch.compile(module, dynamic=False) if t.compile else module
 
 
 def train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
