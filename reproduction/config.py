@@ -213,7 +213,7 @@ class TrainConfig:
     compile: bool = False                  # opt-in torch.compile (not in the paper)
     fused_lrn: bool = False                # opt-in: §3.3's LRN as one operator, one pass each way (C on the CPU, Triton on CUDA); the same formula (not in the paper)
     fused_sgd: bool = False                # opt-in: §5's update in one C pass per CPU parameter instead of four foreach passes; the same formula and order
-    deterministic: bool = False            # torch.use_deterministic_algorithms (bit-exact reruns, slower on GPU)
+    deterministic: bool = False            # torch.use_deterministic_algorithms (bit-exact reruns, slower on GPU); on CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 if unset and runs the LRN as the reproduction::lrn operator (F.local_response_norm's backward has no deterministic CUDA kernel)
 
     def __post_init__(self) -> None:
         _check_types(self)
