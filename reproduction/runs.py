@@ -374,6 +374,10 @@ def evaluation_path(checkpoint: Path, split: str, output: Path | None) -> Path:
                         f"write the evaluation elsewhere (default: eval-{split}.json)")
     if path.is_dir():
         raise UserError(f"--output {path} is a folder; give a file name such as eval-{split}.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot create its folder ({e.strerror or e}); choose another path") from None
     return path
 
 
