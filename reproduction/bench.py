@@ -504,8 +504,13 @@ def bench_eval(args: argparse.Namespace) -> int:
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     views = 10 if args.ten_patch else 1
-    with torch.no_grad(), autocast(device, t.precision):  # warm-up: cuDNN's choice for the batch shape
-        model.eval()(torch.zeros(args.batch_size * views, 3, 224, 224, device=device))
+    # Warm-up in what evaluate feeds the net (its layout, the full and the partial batch's
+    # shape), so cuDNN's per-shape autotuning and the LRN kernels' first build are not timed.
+    memory = torch.channels_last if t.channels_last else torch.contiguous_format
+    shapes = dict.fromkeys(b * views for b in (min(args.batch_size, len(dataset)), len(dataset) % args.batch_size) if b)
+    with torch.no_grad(), autocast(device, t.precision):
+        for n in shapes:
+            model.eval()(torch.zeros(n, 3, config.data.crop, config.data.crop, device=device).contiguous(memory_format=memory))
     sync(device)
     start = time.perf_counter()
     result = evaluate(model, dataset, stats, config.data, ten_patch=args.ten_patch, batch_size=args.batch_size,
