@@ -746,3 +746,34 @@ def test_sigkill_mid_write_keeps_the_old_checkpoint_and_the_next_start_cleans_up
     assert train_main(["--resume", "--out", str(out), *TINY_SET]) == 0  # the next start
     assert not list(out.glob(".*.tmp"))
     assert "a temporary file left by a killed writer" in capsys.readouterr().out
+
+
+def test_ctrl_c_on_a_prep_with_workers_ends_promptly_and_resumes(tmp_path):
+    """Ctrl-C reaches the whole process group (the parent and its two workers): the prep ends
+    within seconds, with one line on how to resume and no traceback; the rerun finishes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("val", 4)):
+        for i in range(n):
+            d = tmp_path / "src" / split / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (300, 400, 3), np.uint8)).save(d / f"{i}.png", compress_level=0)
+    argv = ["imagefolder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "2",
+            "--chunk-size", "2", "--no-hash"]
+    p = subprocess.Popen([sys.executable, "-m", "data_prep", *argv], cwd=REPO, env=_env(), start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "out" / ".partial" / "train-000001.json").exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the prep ended before it could be interrupted"
+            time.sleep(0.02)
+        os.killpg(p.pid, signal.SIGINT)
+        start = time.monotonic()
+        _, err = p.communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        p.kill()
+    assert p.returncode == 130 and took < 10, err
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert prep_main(argv) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["count"] == 40
