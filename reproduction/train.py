@@ -263,8 +263,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             "experiment": experiment, "config": runs.config_dict(config), "command": command,
             "git": runs.git_state(), "environment": runs.environment(devices), "data": identity,
             "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
-                                          "compile": t.compile, "deterministic": t.deterministic,
-                                          "lrn_operator": lrn_operator},
+                                          "compile": t.compile, "deterministic": t.deterministic},
             "distributed": replicas.describe() | {"global_batch": t.batch_size},
             "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
     step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
