@@ -72,7 +72,7 @@ def bench_data(args: argparse.Namespace) -> int:
     train = PackedSet(args.data, "train")
     stats = load_stats(args.data)
     evaluation = PackedSet(args.data, args.eval_split or ("val" if "val" in train.manifest["splits"] else "train"))
-    workers = default_workers() if args.workers is None else args.workers
+    workers = default_workers(device) if args.workers is None else args.workers
     common = dict(device=device, workers=workers)
 
     def forever(make: Callable[[int], Iterator]) -> Iterator:  # loop over passes of a small set
@@ -102,7 +102,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, §5)")
     p.add_argument("--batches", type=int, default=20, help="batches timed per view, after one warm-up (default 20)")
-    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8, for a GPU; one per 4 cores beside a CPU step)")
     p.add_argument("--eval-split", default=None, help="split for the eval views (default val, else train)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="DataConfig overrides, e.g. --set lighting=paper mean=offset")
@@ -429,7 +429,7 @@ def bench_train(args: argparse.Namespace) -> int:
     optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
                          fused=t.fused_sgd)
     module = step_module(model, t)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = default_workers(device) if args.workers is None else args.workers
 
     def loader() -> Iterator:  # passes over the set, as many as it takes
         return itertools.chain.from_iterable(train_batches(
@@ -479,7 +479,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the config's, 128, §5)")
     p.add_argument("--batches", type=int, default=30, help="timed batches per measurement (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8, for a GPU; one per 4 cores beside a CPU step)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="RunConfig overrides, e.g. --set precision=bf16 channels_last=True compile=True "
                         "fused_lrn=True")
@@ -535,7 +535,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="split to evaluate (default val, else train)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     p.add_argument("--ten-patch", action="store_true", help="ten patches per image (§4.1), else the centre patch")
-    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8, for a GPU; one per 4 cores beside a CPU step)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="RunConfig overrides, e.g. --set precision=bf16 channels_last=True fused_lrn=True")
 

@@ -286,7 +286,7 @@ def train_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch
                   workers: int | None = None, shard: tuple[int, int] = (0, 1),
                   channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Epoch `epoch` as (images B×3×crop×crop float32, labels B int64) on `device`, from batch
-    `start_batch` on (resume). workers: threads (None: one per core, capped at 8; 0: none);
+    `start_batch` on (resume). workers: threads (None: `default_workers(device)`; 0: none);
     results do not depend on it. shard=(rank, world): this replica's slice of every batch
     (`shard_range`), with the draws the whole batch gets; batch_size is the global batch.
     channels_last: the images in channels_last memory, made so by the workers (same values)."""
@@ -334,9 +334,13 @@ def eval_batches(dataset: PackedSet, stats: Stats, config: DataConfig, *, batch_
     return _deliver(dataset, stats, config, plans, device, workers, channels_last)
 
 
-def default_workers() -> int:
-    """Loader threads when none are asked for: one per core, at most 8."""
-    return min(8, os.cpu_count() or 1)
+def default_workers(device: str | torch.device = "cuda") -> int:
+    """Loader threads when none are asked for. For a GPU step: one per core, at most 8. For a
+    CPU step the loader shares the cores with it: one thread per 4 cores (at least one), since
+    a batch of 64-256 px JPEGs takes a few % of a CPU step to build and more threads only take
+    cores from the step's own (its intra-op threads)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // 4) if torch.device(device).type == "cpu" else min(8, cores)
 
 
 def _check_args(dataset: PackedSet, batch_size: int, workers: int | None, **keys: int) -> None:
@@ -368,7 +372,7 @@ def _deliver(dataset: PackedSet, stats: Stats, config: DataConfig, plans: Iterat
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     mean = stats.mean.to(device)
 
     def build(data: list[Tensor], idx: Tensor, views: list[dict]) -> tuple[Tensor, Tensor]:
