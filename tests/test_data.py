@@ -298,10 +298,11 @@ def test_bench_data_prints_a_table(coord_set, capsys):
 
 @pytest.fixture(scope="module")
 def natural_set(tmp_path_factory):
-    from conftest import SHARED_DATA
-    files = sorted((SHARED_DATA / "imagenet-sample").glob("*.JPEG"))[:24]
+    from conftest import data_dirs, find_data  # the checkout's gpu-carry/ on a GPU machine
+    folder = find_data("imagenet-sample")
+    files = sorted(folder.glob("*.JPEG"))[:24] if folder else []
     if not files:
-        pytest.skip(f"real images not found in {SHARED_DATA / 'imagenet-sample'}")
+        pytest.skip(f"real images (imagenet-sample/*.JPEG) not found in {', '.join(map(str, data_dirs()))}")
     items = []
     for i, f in enumerate(files):  # §2: shorter side to 256, then the central 256×256
         im = Image.open(f).convert("RGB")
@@ -345,3 +346,21 @@ def test_cpu_and_cuda_paths_deliver_the_same_batches(natural_set):
     for (xc, yc), (xg, yg) in zip(cpu, gpu):
         assert xg.shape == xc.shape and torch.equal(yc, yg.cpu())
         assert (xc - xg.cpu()).abs().mean(dim=(2, 3, 4)).max() < 2
+
+
+def test_channels_last_batches_hold_the_same_values(coord_set):
+    """channels_last=True (what the fast step asks for) changes the memory layout only: the
+    same training views (lighting on), centre patches and ten patches, value for value."""
+    dataset, stats = coord_set
+    config = DataConfig()
+    for plain, fast in [
+            (train_batches(dataset, stats, config, batch_size=4, seed=3, epoch=1, workers=0),
+             train_batches(dataset, stats, config, batch_size=4, seed=3, epoch=1, workers=0, channels_last=True)),
+            (eval_batches(dataset, stats, config, batch_size=4, workers=0),
+             eval_batches(dataset, stats, config, batch_size=4, workers=0, channels_last=True)),
+            (eval_batches(dataset, stats, config, batch_size=4, workers=0, ten_patch=True),
+             eval_batches(dataset, stats, config, batch_size=4, workers=0, ten_patch=True, channels_last=True))]:
+        for (xa, ya), (xb, yb) in zip(plain, fast):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            views = xb.flatten(0, 1) if xb.dim() == 5 else xb
+            assert views.is_contiguous(memory_format=torch.channels_last) and not views.is_contiguous()

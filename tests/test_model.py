@@ -285,8 +285,17 @@ def test_placement_arguments():
         AlexNet(ABLATIONS["one_tower"], devices=("cpu", "cpu"))
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls and convolutions on CUDA for one test; the process's settings restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.gpu
-def test_two_devices_cuda_and_cpu_equal_one_device():
+def test_two_devices_cuda_and_cpu_equal_one_device(no_tf32):
     """The model-parallel split with the towers on different devices: tower A on the GPU,
     tower B on the CPU, against the whole net on the CPU."""
     torch.manual_seed(0)
@@ -296,8 +305,6 @@ def test_two_devices_cuda_and_cpu_equal_one_device():
     two.load_state_dict(one.state_dict())
     assert two.conv2.weight_a.is_cuda and not two.conv2.weight_b.is_cuda
     assert two.fc8.weight_a.is_cuda
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     ref = one(x)
     out = two(x)
     assert out.is_cuda and rel_err(out.cpu(), ref) < 1e-5
