@@ -143,3 +143,25 @@ def test_read_back_checks_every_pending_step_in_order():
     pending = [(torch.tensor(v), torch.tensor(0), 4) for v in (1.0, float("nan"), 1.0)]
     with pytest.raises(TrainingStopped, match="loss became nan at step 9"):
         _read_back(pending, sums, guard, Distributed(), step=10, lr=0.01, interrupted=False)
+
+
+def test_bench_model_cpu_defaults_are_the_issues_rows(monkeypatch, capsys):
+    """With no --variants/--precisions on the CPU: torchvision fp32 and bf16, ours reference
+    fp32, fast fp32 and bf16, fast compiled bf16, each against torchvision at its precision.
+    (The steps are stubbed: this checks the table, not the speed.)"""
+    import reproduction.bench as bench
+    built = []
+
+    def fake(variant, batch, precision, device):
+        built.append((variant, precision))
+        return (lambda: None), None, None
+    monkeypatch.setattr(bench, "ours_step", fake)
+    monkeypatch.setattr(bench, "torchvision_step", lambda b, p, d: fake("torchvision", b, p, d)[0])
+    monkeypatch.setattr(bench, "step_times", lambda step, **kw: [0.5])
+    assert main(["model", "--device", "cpu"]) == 0
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert built == [v for v in bench.CPU_ROWS]
+    assert [(r[1].split(":")[0].split(",")[0], r[2], r[3]) for r in rows] == [
+        ("eager", "32", "fp32"), ("eager", "32", "bf16"), ("reference LRN (F.local_response_norm)", "32", "fp32"),
+        ("fast", "32", "fp32"), ("fast", "32", "bf16"), ("fast + torch.compile", "32", "bf16")]
+    assert all(r[6] == "1.00×" for r in rows)  # every stubbed step takes the same time
