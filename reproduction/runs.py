@@ -345,9 +345,23 @@ class RunFolder:
                             "fine-tune from it with --init-from instead of --resume")
         return state, meta, rows
 
-    def resumed(self, meta: dict, epoch: int) -> list[dict]:
-        """After every check passed: the metrics up to the checkpoint, and the new config.json."""
+    def check_resume(self, meta: dict, saved: RunConfig, config: RunConfig, position: dict, data: dict) -> None:
+        """What a resume may not change: the data set, and the batch size mid-epoch (the rest of
+        the epoch's batches would revisit images)."""
+        check_same_data(meta["data"], data, self.path / "config.json")
+        before, now = saved.train.batch_size, config.train.batch_size
+        if before != now and position["batch"] != 0:
+            raise UserError(f"--set batch_size={now}: {self.checkpoint} is mid-epoch (epoch {position['epoch'] + 1}, "
+                            f"batch {position['batch']}) at batch_size={before}, and the rest of the epoch would "
+                            "revisit images; resume with its batch_size and change it once the checkpoint is at "
+                            "an epoch boundary (batch 0)")
+
+    def resumed(self, meta: dict, config: RunConfig, epoch: int, entry: dict) -> list[dict]:
+        """After every check passed: the metrics before the checkpoint's epoch (the checkpoint
+        is the authority), and config.json with the resumed config and this resume's record."""
         history = keep_metrics_before(self.path, epoch, rewrite=self.writer)
+        meta.setdefault("resumed", []).append(entry)
+        meta["config"] = config_dict(config)
         if self.writer:
             write_json(self.path / "config.json", meta)
         return history
@@ -363,6 +377,18 @@ class RunFolder:
     def finish(self, final: dict) -> None:
         if self.writer:
             write_json(self.path / "final.json", final)
+
+
+def run_record(experiment: str, config: RunConfig, *, command: Sequence[str], devices: Sequence[torch.device],
+               data: dict, distributed: dict, batch_scaling: dict | None, init_from: Path | None) -> dict:
+    """config.json of a fresh run: what ran, from which code, on what, with which data."""
+    t = config.train
+    return {"experiment": experiment, "config": config_dict(config), "command": list(command),
+            "git": git_state(), "environment": environment(devices), "data": data, "seed": t.seed,
+            "precision": {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
+                          "deterministic": t.deterministic},
+            "distributed": distributed, "batch_scaling": batch_scaling,
+            "init_from": None if init_from is None else str(init_from)}
 
 
 def evaluation_path(checkpoint: Path, split: str, output: Path | None) -> Path:

@@ -232,12 +232,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
     replicas.barrier()  # every rank has read and checked the folder before rank 0 writes it
     if resume:
         saved = runs.config_of(state, folder.checkpoint)
-        runs.check_same_data(meta["data"], identity, out / "config.json")
-        if saved.train.batch_size != t.batch_size and state["position"]["batch"] != 0:
-            raise UserError(f"--set batch_size={t.batch_size}: {folder.checkpoint} is mid-epoch "
-                            f"({position_text(state['position'])}) at batch_size={saved.train.batch_size}, and "
-                            "the rest of the epoch would revisit images; resume with its batch_size and "
-                            "change it once the checkpoint is at an epoch boundary (batch 0)")
+        folder.check_resume(meta, saved, config, state["position"], identity)
         with reading(folder.checkpoint, "checkpoint whose weights fit the resumed config",
                      "resume without --set changes to the architecture"):
             model.load_state_dict(state["model"])
@@ -246,26 +241,19 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
         changed = _differences(saved, config)
         if changed:
             log(f"resuming with a changed config ({changed}): the run is no longer one run of one config")
-        meta.setdefault("resumed", []).append({"at": position_text(position), "changed": changed,
-                                               "git": runs.git_state(), "command": command,
-                                               "world_size": replicas.world, "data": str(data_dir)})
-        meta["config"] = runs.config_dict(config)
-        history = folder.resumed(meta, position["epoch"])
-        for note in folder.notes:
-            log(note)
-        log(f"resumed {out} at {position_text(position)}")
+        entry = {"at": position_text(position), "changed": changed, "git": runs.git_state(),
+                 "command": command, "world_size": replicas.world, "data": str(data_dir)}
+        history = folder.resumed(meta, config, position["epoch"], entry)
     else:
         folder.create()
-        for note in folder.notes:
-            log(note)
         history = []
-        folder.start({
-            "experiment": experiment, "config": runs.config_dict(config), "command": command,
-            "git": runs.git_state(), "environment": runs.environment(devices), "data": identity,
-            "seed": t.seed, "precision": {"precision": t.precision, "channels_last": t.channels_last,
-                                          "compile": t.compile, "deterministic": t.deterministic},
-            "distributed": replicas.describe() | {"global_batch": t.batch_size},
-            "batch_scaling": batch_scaling, "init_from": None if init_from is None else str(init_from)})
+        folder.start(runs.run_record(experiment, config, command=command, devices=devices, data=identity,
+                                     distributed=replicas.describe() | {"global_batch": t.batch_size},
+                                     batch_scaling=batch_scaling, init_from=init_from))
+    for note in folder.notes:
+        log(note)
+    if resume:
+        log(f"resumed {out} at {position_text(position)}")
     step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
     if replicas.started:
         least, most = t.batch_size // replicas.world, -(-t.batch_size // replicas.world)
