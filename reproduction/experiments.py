@@ -107,7 +107,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
                         help="folder with CIFAR-10's train.tar.gz and test.tar.gz (default: ../shared/data/cifar10)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the run folders, summary.json and (cifar-relu-tanh) fig1.png go "
-                             "(default: results/cifar10/<experiment>)")
+                             "(default: runs/cifar10/<experiment>, not in git; the committed evidence was "
+                             "made with --out results/cifar10/<experiment>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (default: 0 1 2)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override CifarConfig fields in every variant, e.g. epochs=10")
@@ -119,7 +120,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = Path(__file__).resolve().parents[1]
-    out = args.out or root / "results" / "cifar10" / args.experiment.removeprefix("cifar-")
+    out = args.out or root / "runs" / "cifar10" / args.experiment.removeprefix("cifar-")
     try:
         configs = {name: override(c, args.set) for name, c in CIFAR_EXPERIMENTS[args.experiment].items()}
     except ValueError as e:
