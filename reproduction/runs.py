@@ -39,7 +39,7 @@ from reproduction.errors import UserError, reading
 from reproduction.model import AlexNet
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("config.json", "metrics.jsonl", "final.json", CHECKPOINT)
+RUN_FILES = ("config.json", "metrics.jsonl", "final.json", CHECKPOINT, "best.pt")
 CHECKPOINT_ADVICE = "pass a checkpoint.pt written by reproduction.train (or reproduction.caffe)"
 
 
