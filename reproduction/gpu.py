@@ -1,0 +1,481 @@
+"""The GPU evidence in prepared, one-call stages (issue 16). A GPU is lent rarely and briefly
+(~15 minutes of device time, at most 10 per call) and only the checkout plus carried ignored
+folders travel, so everything a call needs is built beforehand on a CPU machine:
+
+    python -m reproduction.gpu prepare            # CPU, before the call: builds gpu-carry/
+    python -m reproduction.gpu check              # on the GPU, first: tests, benchmarks, a short run
+    python -m reproduction.gpu ablations --seed 0 # on the GPU: five §4.1/§3 ablations, one seed
+    python -m reproduction.gpu collect DIR        # CPU, after: the returned runs into results/
+
+Each stage is a list of parts; each part is a subprocess under its own deadline (never longer
+than what is left of the stage's), so one failing or hanging part never stops the next.
+Everything every part prints is teed to $OUT/<stage>.log (OUT from the environment, as the
+device machine sets it, or --out), and a summary table is printed last and written to
+$OUT/<stage>-summary.md. --dry-run (CPU, seconds) runs the same orchestration with tiny
+stand-ins for the GPU parts and prints the same table (tests/test_gpu_stages.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from reproduction.errors import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CARRY = ROOT / "gpu-carry"  # ignored (.gitignore); the run tool carries it: carry ["gpu-carry"]
+SHARED = ROOT.parent / "shared" / "data"
+COLLECTED = ROOT / "results" / "runs" / "tiny-imagenet" / "gpu-50"
+CLASSES = 50        # the Tiny-ImageNet subset: 25,000 train / 2,500 val images, ~56 MB packed
+SAMPLES = 12        # imagenet-sample images for the nvJPEG loader tests (tests/test_data.py: batches of 10)
+CARRY_LIMIT_MB = 60  # with the checkout; the run tool carries 64 MiB in all
+FAST = ["precision=bf16", "channels_last=True", "fused_lrn=True"]  # the opt-in fast path (eager)
+ABLATIONS = ["paper", "no_lrn", "no_overlap_pool", "one_tower", "no_pca_lighting"]
+# The one reduced recipe of every ablation run: §5's SGD at batch 128 with ε 0.01 for 7 epochs,
+# then 0.001 for 3 (a fixed schedule: a plateau rule has no room to act in 10 epochs), the
+# fast path without torch.compile (five compiles would cost a minute each).
+RECIPE = ["epochs=10", "schedule=fixed", "drop_epochs=(7,)"] + FAST
+BUDGET = {"prepare": 900.0, "check": 470.0, "ablations": 480.0}  # each stage's wall-time deadline
+GRACE = 30.0  # seconds a part gets after SIGTERM (train.py checkpoints on it) before SIGKILL
+
+
+@dataclass
+class Part:
+    """One boxed step of a stage: a command with its own deadline in seconds. after: run in
+    this process once the command ended, whatever its status (packing); returns a note.
+    note: the summary's remark on a part that ended well (e.g. a run's final error)."""
+    name: str
+    command: list[str]
+    seconds: float
+    env: dict = field(default_factory=dict)
+    after: Callable[[], str] | None = None
+    note: Callable[[], str] | None = None
+
+
+def run_parts(stage: str, parts: Sequence[Part], out: Path, budget: float, *, dry_run: bool = False,
+              header: Sequence[str] = ()) -> list[dict]:
+    """Run `parts` in order, each under min(its deadline, what is left of `budget`), teeing
+    their output to stdout and out/<stage>.log; print the summary table last and write it to
+    out/<stage>-summary.md. Returns one row per part."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_path, start, rows = out / f"{stage}.log", time.monotonic(), []
+    with open(log_path, "a", encoding="utf-8") as log:
+        def say(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            log.write(text)
+            log.flush()
+
+        say(f"=== {stage}{' (dry run)' if dry_run else ''}: {len(parts)} parts, deadline {budget:.0f} s, "
+            f"{_now()} ===\n" + "".join(f"{line}\n" for line in header))
+        for part in parts:
+            left = budget - (time.monotonic() - start)
+            if left < 5:
+                rows.append({"part": part.name, "status": "skipped (no time left)", "seconds": 0.0, "note": ""})
+                say(f"--- {part.name}: skipped, {left:.0f} s of the stage left\n")
+                continue
+            limit = min(part.seconds, left)
+            say(f"--- {part.name} (deadline {limit:.0f} s): {_shown(part.command)}\n")
+            status, seconds, tail = _run_one(part, limit, say)
+            note = ""
+            if part.note is not None and status == "ok":
+                note = _safely(part.note)
+            else:  # the last line it printed: an error, or a table's last row
+                note = tail
+            if part.after is not None:
+                extra = _safely(part.after)
+                note = f"{note}; {extra}" if note and extra else note or extra
+            rows.append({"part": part.name, "status": status, "seconds": round(seconds, 1), "note": note})
+            say(f"--- {part.name}: {status} in {seconds:.1f} s\n")
+        table = summary(stage, rows, budget, time.monotonic() - start, dry_run)
+        say("\n" + table)
+    (out / f"{stage}-summary.md").write_text(table)
+    return rows
+
+
+def _run_one(part: Part, limit: float, say: Callable[[str], None]) -> tuple[str, float, str]:
+    """(status, seconds, last line printed) of one part, killed (its own process group) at
+    its deadline: SIGTERM first, SIGKILL after GRACE seconds."""
+    start, last = time.monotonic(), [""]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **part.env}
+    try:
+        proc = subprocess.Popen(part.command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace",
+                                start_new_session=True)
+    except OSError as e:
+        say(f"could not start: {e}\n")
+        return f"error: {e}", 0.0, str(e)
+
+    def pump():
+        for line in proc.stdout:
+            say(line)
+            if line.strip():
+                last[0] = line.strip()[:160]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=limit)
+        status = "ok" if code == 0 else f"failed (exit {code})"
+    except subprocess.TimeoutExpired:
+        status = f"timeout ({limit:.0f} s)"
+        _signal(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=GRACE)
+        except subprocess.TimeoutExpired:
+            _signal(proc, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    return status, time.monotonic() - start, last[0]
+
+
+def _shown(command: list[str]) -> str:
+    """The command as a log line: python for the interpreter, a -c script by its first line."""
+    words = ["python" if w == sys.executable else w for w in command]
+    if "-c" in words:
+        i = words.index("-c") + 1
+        words[i] = repr(words[i].splitlines()[0][:70] + " ...")
+        words = words[:i + 1] + [w for w in words[i + 1:] if len(w) < 200]
+    return " ".join(words)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the part's own session: its children (pytest's, torch's) too
+    except ProcessLookupError:
+        pass
+
+
+def _safely(fn: Callable[[], str]) -> str:
+    try:
+        return fn() or ""
+    except Exception as e:  # a note or a pack that fails is reported, never stops the stage
+        return f"{type(e).__name__}: {e}"
+
+
+def summary(stage: str, rows: list[dict], budget: float, seconds: float, dry_run: bool) -> str:
+    ok = sum(r["status"] == "ok" for r in rows)
+    lines = [f"## {stage}{' (dry run)' if dry_run else ''}: {ok}/{len(rows)} parts ok, "
+             f"{seconds:.0f} s of {budget:.0f} s",
+             "", f"{_now()}; git {_git_sha()}; {_device_line()}", "",
+             "| part | status | seconds | note |", "|---|---|---:|---|"]
+    lines += [f"| {r['part']} | {r['status']} | {r['seconds']:.1f} | {r['note'].replace('|', '/')} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_line() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"no CUDA device, torch {torch.__version__}"
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _stand_in(command: list[str], code: str = "") -> list[str]:
+    """A dry run's part: prints the command the GPU run makes, then runs `code` (a few lines
+    that write what the real part would write)."""
+    shown = " ".join(command[1:] if command[0] == sys.executable else command)
+    return _python("-c", f"print('dry run, on the GPU: python ' + {shown!r})\n{code}")
+
+
+# ------------------------------------------------------------------------------- prepare
+
+def prepare_parts(source: Path, carry: Path, classes: int, dry_run: bool, force: bool) -> list[Part]:
+    data = carry / f"tiny-imagenet-{classes}"
+    prep = _python("-m", "data_prep", "tiny-imagenet", str(source / "tiny-imagenet-200"), "--out", str(data),
+                   "--classes", str(classes), *(["--force"] if force else []))
+    if dry_run:  # a few images per class: the real data_prep, in seconds
+        prep += ["--limit-per-class", "4", "--val-limit-per-class", "2"]
+    samples = _python("-c", (
+        "import shutil, sys; from pathlib import Path\n"
+        "src, dst, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])\n"
+        "files = sorted(src.glob('*.JPEG'))[:n]\n"
+        "assert files, f'no *.JPEG in {src}'\n"
+        "dst.mkdir(parents=True, exist_ok=True)\n"
+        "[shutil.copy2(f, dst / f.name) for f in files]\n"
+        "print(f'{len(files)} images -> {dst}')"),
+        str(source / "imagenet-sample"), str(carry / "imagenet-sample"), str(SAMPLES))
+    size = _python("-c", (
+        "import subprocess, sys; from pathlib import Path\n"
+        "carry, limit = Path(sys.argv[1]), float(sys.argv[2])\n"
+        "mb = lambda paths: sum(p.stat().st_size for p in paths if p.is_file()) / 2**20\n"
+        "tracked = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], capture_output=True, text=True).stdout.split()\n"
+        "c, t = mb(carry.rglob('*')), mb(Path(p) for p in tracked)\n"
+        "print(f'carry {c:.1f} MiB + checkout {t:.1f} MiB = {c + t:.1f} MiB (limit {limit:g})')\n"
+        "sys.exit(0 if c + t <= limit else 1)"), str(carry), str(CARRY_LIMIT_MB))
+    done = (data / "manifest.json").is_file() and not force
+    parts = [] if done else [Part("data_prep tiny-imagenet", prep, BUDGET["prepare"] - 60)]
+    return parts + [Part("imagenet-sample", samples, 30), Part("size", size, 30)]
+
+
+# --------------------------------------------------------------------------------- check
+
+def check_parts(data: Path, carry: Path, work: Path, dry_run: bool) -> list[Part]:
+    versions = _python("-c", (
+        "import sys, torch, torchvision\n"
+        "try:\n    import triton; tv = triton.__version__\nexcept ImportError:\n    tv = 'not installed'\n"
+        "print(f'python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, triton {tv}')\n"
+        "print(f'CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, devices {torch.cuda.device_count()}')\n"
+        "for i in range(torch.cuda.device_count()):\n"
+        "    p = torch.cuda.get_device_properties(i)\n"
+        "    print(f'cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, bf16 {torch.cuda.is_bf16_supported()}')\n"))
+    test_env = {"REPRODUCTION_TEST_DATA": str(carry), "REPRODUCTION_GPU_TESTS": "require"}
+    tests = _python("-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider")
+    two = _python("-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                  "tests/test_model.py::test_two_devices_cuda_and_cpu_equal_one_device",
+                  "tests/test_gpu.py::test_an_optimiser_step_on_mixed_devices_matches_the_cpu")
+    bench_bf16 = _python("-m", "reproduction.bench", "model", "--device", "cuda", "--batch-sizes", "512",
+                         "--precisions", "bf16")
+    bench_fp32 = _python("-m", "reproduction.bench", "model", "--device", "cuda", "--batch-sizes", "128",
+                         "--precisions", "fp32", "--variants", "torchvision", "reference", "fast")
+    run = work / "check-train"
+    train = _python("-m", "reproduction.train", "--experiment", "paper", "--data", str(data), "--out", str(run),
+                    "--devices", "cuda:0", "--set", "epochs=1", "stuck_steps=100000", *FAST)
+    bench_eval = _python("-m", "reproduction.bench", "eval", "--data", str(data), "--device", "cuda",
+                         "--ten-patch", "--set", *FAST)
+    bench_train = _python("-m", "reproduction.bench", "train", "--data", str(data), "--device", "cuda",
+                          "--set", *FAST)
+    parts = [Part("versions", versions, 60),
+             Part("gpu tests", tests, 210, env=test_env),
+             Part("two-device net (cuda:0 + cpu)", two, 60, env=test_env),
+             Part("bench model bf16/512", bench_bf16, 120),
+             Part("bench model fp32/128", bench_fp32, 60),
+             Part("train 1 epoch, fast path", train, 120, note=lambda: _final_note(run)),
+             Part("bench eval ten-patch", bench_eval, 60),
+             Part("bench train", bench_train, 60)]
+    if dry_run:  # the same parts; versions for real, the GPU parts as stand-ins
+        for p in parts[1:]:
+            code = _fake_run_code(run, "paper", 0) if p.command is train else ""
+            p.command = _stand_in(p.command, code)
+    return parts
+
+
+def _final_note(run: Path) -> str:
+    final = json.loads((run / "final.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rate = f", {rows[-1]['img_per_s']:.0f} img/s" if rows and "img_per_s" in rows[-1] else ""
+    return (f"top-1 {final['centre']['top1_error']:.3f} centre / {final['ten_patch']['top1_error']:.3f} "
+            f"ten patches after {final.get('epochs', '?')} epoch(s){rate}" + (" (dry run)" if final.get("dry_run") else ""))
+
+
+def _fake_run_code(run: Path, experiment: str, seed: int) -> str:
+    """A dry run's training part: the files a run folder holds, marked dry_run (collect refuses them)."""
+    return ("import json; from pathlib import Path\n"
+            f"run = Path({str(run)!r}); run.mkdir(parents=True, exist_ok=True)\n"
+            f"(run / 'config.json').write_text(json.dumps({{'experiment': {experiment!r}, 'seed': {seed}, 'dry_run': True}}))\n"
+            "(run / 'metrics.jsonl').write_text(json.dumps({'epoch': 0, 'img_per_s': 1.0}) + '\\n')\n"
+            "e = {'top1_error': 1.0, 'top5_error': 1.0, 'loss': 0.0}\n"
+            f"(run / 'final.json').write_text(json.dumps({{'centre': e, 'ten_patch': e, 'epochs': 1, 'experiment': {experiment!r}, 'dry_run': True}}))\n"
+            "(run / 'checkpoint.pt').write_bytes(b'not packed')\n")
+
+
+# ----------------------------------------------------------------------------- ablations
+
+def ablation_parts(data: Path, work: Path, out: Path, seed: int, experiments: Sequence[str],
+                   per_run: float, dry_run: bool) -> list[Part]:
+    parts = []
+    for exp in experiments:
+        run = work / exp / f"seed{seed}"
+        train = _python("-m", "reproduction.train", "--experiment", exp, "--data", str(data), "--out", str(run),
+                        "--devices", "cuda:0", "--set", f"seed={seed}", *RECIPE)
+        if dry_run:
+            train = _stand_in(train, _fake_run_code(run, exp, seed))
+        parts.append(Part(f"train {exp}", train, per_run, note=lambda run=run: _final_note(run),
+                          after=None if exp == "paper" else lambda exp=exp, run=run: pack(run, out, exp, seed)))
+        if exp == "paper":  # Fig. 3 from the paper run, inside its folder, then packed
+            fig = _python("-m", "reproduction.visualize", "filters", "--checkpoint", str(run / "checkpoint.pt"),
+                          "--out", str(run / "fig3.png"))
+            if dry_run:
+                fig = _stand_in(fig)
+            parts.append(Part("fig3 paper", fig, 30, after=lambda run=run: pack(run, out, "paper", seed)))
+    return parts
+
+
+def pack(run: Path, out: Path, experiment: str, seed: int) -> str:
+    """The run folder (without its checkpoints: weights do not come back) as one tar.gz in out,
+    so a stage returns few files however many each run writes."""
+    if not run.is_dir():
+        return "no run folder to pack"
+    path = out / f"ablation-{experiment}-seed{seed}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for f in sorted(run.rglob("*")):
+            if f.is_file() and f.suffix not in (".pt", ".lock"):
+                tar.add(f, arcname=f"{experiment}/seed{seed}/{f.relative_to(run)}")
+    return f"packed {path.name} ({path.stat().st_size / 1024:.0f} KiB)"
+
+
+# ------------------------------------------------------------------------------- collect
+
+def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[str]:
+    """Unpack the ablation-*.tar.gz that a stage returned into `into`/<experiment>/seed<N>/
+    (where `python -m reproduction.report` finds their final.json), and copy the stages'
+    summaries to results/gpu/. Returns what was done."""
+    archives = sorted(folder.rglob("ablation-*.tar.gz"))
+    summaries = sorted(folder.rglob("*-summary.md"))
+    if not archives and not summaries:
+        raise UserError(f"{folder} holds no ablation-*.tar.gz or *-summary.md; give the folder a "
+                        "`python -m reproduction.gpu` stage wrote ($OUT, the run tool's files_at)")
+    done = []
+    for path in archives:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            for m in members:
+                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise UserError(f"{path}: unsafe member {m.name!r}; not unpacked")
+            runs = sorted({Path(*Path(m.name).parts[:2]) for m in members if len(Path(m.name).parts) > 2})
+            final = next((m for m in members if m.name.endswith("/final.json")), None)
+            if final is not None and json.loads(tar.extractfile(final).read()).get("dry_run") and not allow_dry_run:
+                raise UserError(f"{path} comes from a dry run (its final.json says dry_run); results/ holds "
+                                "real runs only (give --into elsewhere and --allow-dry-run to unpack it)")
+            for run in runs:
+                target = into / run
+                if target.exists():
+                    if not force:
+                        raise UserError(f"{target} exists; give --force to replace it with {path.name}")
+                    shutil.rmtree(target)
+            for m in members:
+                if m.isfile():
+                    dest = into / m.name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(tar.extractfile(m).read())
+            done += [f"{path.name} -> {into / run}" for run in runs]
+    gpu_results = ROOT / "results" / "gpu" if into == COLLECTED else into
+    for path in summaries:
+        gpu_results.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+        dest = gpu_results / f"{path.stem}-{stamp}.md"
+        shutil.copy2(path, dest)
+        done.append(f"{path.name} -> {dest}")
+    return done
+
+
+# ---------------------------------------------------------------------------------- main
+
+def find_data(carry: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    found = sorted(p.parent for p in carry.glob("tiny-imagenet-*/manifest.json"))
+    if not found:
+        raise UserError(f"no prepared set in {carry} (tiny-imagenet-*/manifest.json); run "
+                        "`python -m reproduction.gpu prepare` on a CPU machine first and carry gpu-carry")
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name.rsplit("-", 1)[1].isdigit() else 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reproduction.gpu", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Stages: prepare (CPU), check, ablations, collect (CPU). "
+                                            "See results/gpu/README.md.")
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    def common(p, carry=True):
+        p.add_argument("--out", type=Path, default=None,
+                       help="where logs, summary and packed runs go (default: $OUT, else runs/gpu-<stage>)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="the same orchestration on the CPU in seconds, GPU parts as stand-ins")
+        if carry:
+            p.add_argument("--carry", type=Path, default=CARRY, help=f"the carried folder (default {CARRY.name}/)")
+            p.add_argument("--data", type=Path, default=None,
+                           help="the packed set (default: the largest tiny-imagenet-* in --carry)")
+
+    p = sub.add_parser("prepare", help="CPU: build the carry folder (Tiny-ImageNet subset, sample images)")
+    common(p, carry=False)
+    p.add_argument("--source", type=Path, default=SHARED, help=f"the shared data folder (default {SHARED})")
+    p.add_argument("--carry", type=Path, default=CARRY, help=f"the folder to build (default {CARRY.name}/)")
+    p.add_argument("--classes", type=int, default=None,
+                   help=f"Tiny-ImageNet classes (default {CLASSES}; 2 with --dry-run)")
+    p.add_argument("--force", action="store_true", help="prepare the set again even if it is there")
+    p = sub.add_parser("check", help="GPU, first: versions, gpu tests, two-device net, benchmarks, a short run")
+    common(p)
+    p = sub.add_parser("ablations", help="GPU: paper and four ablations on the subset, one seed")
+    common(p)
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run of this call (default 0)")
+    p.add_argument("--experiments", nargs="+", default=ABLATIONS, help=f"default: {' '.join(ABLATIONS)}")
+    p = sub.add_parser("collect", help="CPU, after: returned runs into results/runs/tiny-imagenet/gpu-50/")
+    p.add_argument("folder", type=Path, help="the folder a stage's $OUT came back to")
+    p.add_argument("--into", type=Path, default=COLLECTED, help=f"default {COLLECTED.relative_to(ROOT)}")
+    p.add_argument("--force", action="store_true", help="replace run folders that are already there")
+    p.add_argument("--allow-dry-run", action="store_true", help="unpack a dry run's archives (tests)")
+    args = parser.parse_args(argv)
+
+    if args.stage == "collect":
+        if not args.folder.is_dir():
+            raise UserError(f"{args.folder} is not a folder; give the folder a stage's $OUT came back to")
+        for line in collect(args.folder, args.into, args.force, args.allow_dry_run):
+            print(line)
+        print("next: python -m reproduction.report")
+        return 0
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / f"gpu-{args.stage}")
+    dry = args.dry_run
+    if args.stage == "prepare":
+        classes = args.classes or (2 if dry else CLASSES)
+        if not (args.source / "tiny-imagenet-200").exists() or not (args.source / "imagenet-sample").is_dir():
+            raise UserError(f"{args.source} lacks tiny-imagenet-200 or imagenet-sample; give --source, the "
+                            "shared data folder (prepare runs on the CPU machine, before the GPU call)")
+        parts = prepare_parts(args.source, args.carry, classes, dry, args.force)
+        rows = run_parts("prepare", parts, out, BUDGET["prepare"], dry_run=dry,
+                         header=[f"carry: {args.carry}; then: run tool, carry [\"gpu-carry\"], "
+                                 "command `python -m reproduction.gpu check`"])
+        return 0 if all(r["status"] == "ok" for r in rows) else 1
+    data = find_data(args.carry, args.data)
+    if not dry:
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"{args.stage}: no CUDA device is visible; run it on a GPU machine, or give "
+                            "--dry-run to rehearse it on the CPU")
+    work = Path(tempfile.mkdtemp(prefix=f"gpu-{args.stage}-"))  # run folders with their checkpoints: never in $OUT
+    header = [f"data: {data}; carry: {args.carry}; work: {work}; out: {out}"]
+    if args.stage == "check":
+        parts = check_parts(data, args.carry, work, dry)
+    else:
+        unknown = sorted(set(args.experiments) - _experiment_names())
+        if unknown:
+            raise UserError(f"--experiments: {', '.join(unknown)} unknown; see reproduction/experiments.py")
+        budget = BUDGET["ablations"] - 30 - 20  # the fig3 part and packing
+        per_run = budget / len(args.experiments)
+        header.append(f"recipe: --set seed={args.seed} {' '.join(RECIPE)}; {per_run:.0f} s per run "
+                      "(a run past it is stopped by SIGTERM, checkpointed and packed as far as it got)")
+        parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, dry)
+    rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _experiment_names() -> set[str]:
+    from reproduction.experiments import EXPERIMENTS
+    return set(EXPERIMENTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
