@@ -227,7 +227,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
         log(load_pretrained(model, Path(init_from)))
     for name in t.freeze:  # fine-tuning: these layers keep their loaded weights
         getattr(model, name).requires_grad_(False)
-    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+                         fused=t.fused_sgd)
     position = {"epoch": 0, "batch": 0, "step": 0, "sums": _zero_sums()}
     replicas.barrier()  # every rank has read and checked the folder before rank 0 writes it
     if resume:
@@ -307,7 +308,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             images_this_run = 0
             batches = train_batches(train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed,
                                     epoch=epoch, device=home, start_batch=position["batch"], workers=workers,
-                                    shard=(replicas.rank, replicas.world))  # this replica's slice
+                                    shard=(replicas.rank, replicas.world),  # this replica's slice
+                                    channels_last=t.channels_last)
             batches = _naming_bad_images(batches, train_set, epoch_order(len(train_set), seed=t.seed, epoch=epoch),
                                          t.batch_size, position["batch"], keep_progress)
             pending: list[tuple[Tensor, Tensor, int]] = []  # steps not yet read back from the device
@@ -558,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", default=None,
                         help="cpu, cuda:0, or one device per tower such as cuda:0,cuda:1 "
                              "(default: both visible GPUs, else one GPU, else the CPU)")
-    parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8)")
+    parser.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8, for a GPU; one per 4 cores beside a CPU step)")
     parser.add_argument("--global-batch", type=int, default=None, metavar="N",
                         help="a global batch of N images instead of the experiment's (128, §5), with ε "
                              "scaled linearly, ε·N/128 (not the paper's recipe; recorded in config.json)")
