@@ -231,9 +231,10 @@ def prepare_parts(source: Path, carry: Path, classes: int, dry_run: bool, force:
         "c, t = mb(carry.rglob('*')), mb(Path(p) for p in tracked)\n"
         "print(f'carry {c:.1f} MiB + checkout {t:.1f} MiB = {c + t:.1f} MiB (limit {limit:g})')\n"
         "sys.exit(0 if c + t <= limit else 1)"), str(carry), str(CARRY_LIMIT_MB))
-    done = (data / "manifest.json").is_file() and not force
-    parts = [] if done else [Part("data_prep tiny-imagenet", prep, BUDGET["prepare"] - 60)]
-    return parts + [Part("imagenet-sample", samples, 30), Part("size", size, 30)]
+    if (data / "manifest.json").is_file() and not force:  # data_prep writes its manifest last
+        prep = _python("-c", f"print('already prepared: {data} (--force prepares it again)')")
+    return [Part("data_prep tiny-imagenet", prep, BUDGET["prepare"] - 60),
+            Part("imagenet-sample", samples, 30), Part("size", size, 30)]
 
 
 # --------------------------------------------------------------------------------- check
@@ -248,7 +249,9 @@ def check_parts(data: Path, carry: Path, work: Path, dry_run: bool) -> list[Part
         "    p = torch.cuda.get_device_properties(i)\n"
         "    print(f'cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, bf16 {torch.cuda.is_bf16_supported()}')\n"))
     test_env = {"REPRODUCTION_TEST_DATA": str(carry), "REPRODUCTION_GPU_TESTS": "require"}
-    tests = _python("-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider")
+    # -v: each test's result is printed as it ends, so a part stopped at its deadline still says
+    # which tests passed
+    tests = _python("-m", "pytest", "-m", "gpu", "-v", "-rfEs", "--durations=8", "-p", "no:cacheprovider")
     two = _python("-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
                   "tests/test_model.py::test_two_devices_cuda_and_cpu_equal_one_device",
                   "tests/test_gpu.py::test_an_optimiser_step_on_mixed_devices_matches_the_cpu")
@@ -263,12 +266,13 @@ def check_parts(data: Path, carry: Path, work: Path, dry_run: bool) -> list[Part
                          "--ten-patch", "--set", *FAST)
     bench_train = _python("-m", "reproduction.bench", "train", "--data", str(data), "--device", "cuda",
                           "--set", *FAST)
+    # In the issue's order of importance: a later part gets what the earlier ones left.
     parts = [Part("versions", versions, 60),
-             Part("gpu tests", tests, 210, env=test_env),
+             Part("gpu tests", tests, 180, env=test_env),
              Part("two-device net (cuda:0 + cpu)", two, 60, env=test_env),
+             Part("train 1 epoch, fast path", train, 90, note=lambda: _final_note(run)),
              Part("bench model bf16/512", bench_bf16, 120),
              Part("bench model fp32/128", bench_fp32, 60),
-             Part("train 1 epoch, fast path", train, 120, note=lambda: _final_note(run)),
              Part("bench eval ten-patch", bench_eval, 60),
              Part("bench train", bench_train, 60)]
     if dry_run:  # the same parts; versions for real, the GPU parts as stand-ins

