@@ -1,5 +1,6 @@
 """python -m reproduction.gpu: the stages' orchestration, by their --dry-run (CPU, seconds):
-prepare on two classes (the real data_prep), check and ablations with their GPU parts as
+prepare on two classes of a made-up source (the real data_prep; no data needed), check and
+ablations with their GPU parts as
 stand-ins, the packed runs and collect; and the boxing itself (a part that fails or overruns
 its deadline never stops the next)."""
 
@@ -8,19 +9,44 @@ from __future__ import annotations
 import json
 import sys
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from packing import encode
 from reproduction import gpu
+
+
+def fake_source(root: Path) -> Path:
+    """What prepare reads from ../shared/data, made up (so CI needs no data): an extracted
+    Tiny-ImageNet folder of 3 classes (5 train, 1 val image each) and 14 imagenet-sample JPEGs."""
+    rng = np.random.default_rng(0)
+    jpeg = lambda size: encode(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), quality=90)
+    tiny = root / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819", "n01641577"]
+    (tiny / "val" / "images").mkdir(parents=True)
+    (tiny / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
+    (tiny / "words.txt").write_text("".join(f"{w}\tthing {w}\n" for w in wnids))
+    ann = []
+    for w in wnids:
+        (tiny / "train" / w / "images").mkdir(parents=True)
+        for i in range(5):
+            (tiny / "train" / w / "images" / f"{w}_{i}.JPEG").write_bytes(jpeg(64))
+        (tiny / "val" / "images" / f"val_{len(ann)}.JPEG").write_bytes(jpeg(64))
+        ann.append(f"val_{len(ann)}.JPEG\t{w}\t0\t0\t63\t63\n")
+    (tiny / "val" / "val_annotations.txt").write_text("".join(ann))
+    (root / "imagenet-sample").mkdir()
+    for i in range(14):
+        (root / "imagenet-sample" / f"n0000{i:04d}_x.JPEG").write_bytes(jpeg(80))
+    return root
 
 
 @pytest.fixture(scope="module")
 def carry(tmp_path_factory):
-    from conftest import SHARED_DATA
-    if not (SHARED_DATA / "tiny-imagenet-200").exists():
-        pytest.skip(f"prepare's source, {SHARED_DATA / 'tiny-imagenet-200'}, is absent")
     root = tmp_path_factory.mktemp("stages")
-    assert gpu.main(["prepare", "--dry-run", "--source", str(SHARED_DATA), "--carry", str(root / "carry"),
+    source = fake_source(root / "source")
+    assert gpu.main(["prepare", "--dry-run", "--source", str(source), "--carry", str(root / "carry"),
                      "--out", str(root / "prepare")]) == 0
     return root
 
