@@ -1,8 +1,7 @@
 """python -m reproduction.gpu: the stages' orchestration, by their --dry-run (CPU, seconds):
 prepare on two classes of a made-up source (the real data_prep; no data needed), check and
-ablations with their GPU parts as
-stand-ins, the packed runs and collect; and the boxing itself (a part that fails or overruns
-its deadline never stops the next)."""
+ablations with their GPU parts as stand-ins, the packed runs and collect; and the boxing
+itself (a part that fails or overruns its deadline never stops the next)."""
 
 from __future__ import annotations
 
