@@ -110,7 +110,8 @@ def _cpu(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float, k
     if os.environ.get("TRITON_INTERPRET") == "1":  # the tests of the CUDA kernels, run on the CPU
         return (_triton(x, size, alpha, beta, k, groups) if grad is None
                 else _triton_backward(x, grad, size, alpha, beta, k, groups))
-    lib = kernels.library() if x.dtype in _DTYPES and (grad is None or grad.dtype == x.dtype) else None
+    fits = x.device.type == "cpu" and x.dtype in _DTYPES and (grad is None or grad.dtype == x.dtype)
+    lib = kernels.library() if fits else None
     if lib is None:
         return reference(x, grad, size, alpha, beta, k, groups)
     out = _rows(torch.empty_like(x))  # the strides the registered shape function promises

@@ -67,10 +67,10 @@ def test_bench_model_on_the_cpu(capsys):
     assert [(r[0], r[1], r[3]) for r in rows] == [
         ("torchvision alexnet", "eager, torch.optim.SGD", "fp32"),
         ("ours", "reference LRN (F.local_response_norm), eager", "fp32"),
-        ("ours", "fast: LRN operator, channels_last, eager", "fp32"),
+        ("ours", "fast: LRN operator, one-pass update, channels_last, eager", "fp32"),
         ("torchvision alexnet", "eager, torch.optim.SGD", "bf16"),
         ("ours", "reference LRN (F.local_response_norm), eager", "bf16"),
-        ("ours", "fast: LRN operator, channels_last, eager", "bf16")]
+        ("ours", "fast: LRN operator, one-pass update, channels_last, eager", "bf16")]
     assert rows[0][6] == rows[3][6] == "1.00×"
     assert all(r[6].endswith("×") and float(r[4].replace(",", "")) > 0 for r in rows)
     assert "native bf16: " in out and "LRN operator: " in out
