@@ -135,17 +135,19 @@ def test_an_optimiser_step_on_mixed_devices_matches_the_cpu(no_tf32, fused_sgd):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("channels", [48, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lrn_operator_on_cuda_at_the_towers_sizes(channels, dtype):
+def test_lrn_operator_on_cuda_at_the_towers_sizes(channels, dtype, groups):
     """conv1's tower (48 maps at 55²) and conv2's (128 at 27²), NHWC as the fast step has
-    them; values, gradient, and the no-grad path (no backward state) against the oracle."""
+    them, alone or as two towers in one tensor (groups=2, windows clipped at the tower's
+    edge); values, gradient, and the no-grad path (no backward state) against the oracle."""
     hw = 55 if channels == 48 else 27
     g = torch.Generator().manual_seed(0)
-    x = (300 * torch.randn(16, channels, hw, hw, generator=g)).to("cuda", dtype)
+    x = (300 * torch.randn(16, channels * groups, hw, hw, generator=g)).to("cuda", dtype)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn(x.shape, generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
-    args = (5, 1e-4, 0.75, 2.0)
+    args = (5, 1e-4, 0.75, 2.0, groups)
     y = lrn_op.local_response_norm(x, *args)
     (dx,) = torch.autograd.grad(y, x, grad)
     with torch.no_grad():
