@@ -47,7 +47,15 @@ ABLATIONS = ["paper", "no_lrn", "no_overlap_pool", "one_tower", "no_pca_lighting
 # The one reduced recipe of every ablation run: §5's SGD at batch 128 with ε 0.01 for 7 epochs,
 # then 0.001 for 3 (a fixed schedule: a plateau rule has no room to act in 10 epochs), the
 # fast path without torch.compile (five compiles would cost a minute each).
-RECIPE = ["epochs=10", "schedule=fixed", "drop_epochs=(7,)"] + FAST
+EPOCHS = 10
+
+
+def recipe(epochs: int = EPOCHS) -> list[str]:
+    """The --set of every ablation run: ε ÷ 10 after 70% of the epochs."""
+    return [f"epochs={epochs}", "schedule=fixed", f"drop_epochs=({max(1, round(0.7 * epochs))},)"] + FAST
+
+
+RECIPE = recipe()
 BUDGET = {"prepare": 900.0, "check": 470.0, "ablations": 480.0}  # each stage's wall-time deadline
 GRACE = 30.0  # seconds a part gets after SIGTERM (train.py checkpoints on it) before SIGKILL
 
@@ -304,12 +312,12 @@ def _fake_run_code(run: Path, experiment: str, seed: int) -> str:
 # ----------------------------------------------------------------------------- ablations
 
 def ablation_parts(data: Path, work: Path, out: Path, seed: int, experiments: Sequence[str],
-                   per_run: float, dry_run: bool) -> list[Part]:
+                   per_run: float, dry_run: bool, epochs: int = EPOCHS) -> list[Part]:
     parts = []
     for exp in experiments:
         run = work / exp / f"seed{seed}"
         train = _python("-m", "reproduction.train", "--experiment", exp, "--data", str(data), "--out", str(run),
-                        "--devices", "cuda:0", "--set", f"seed={seed}", *RECIPE)
+                        "--devices", "cuda:0", "--set", f"seed={seed}", *recipe(epochs))
         if dry_run:
             train = _stand_in(train, _fake_run_code(run, exp, seed))
         parts.append(Part(f"train {exp}", train, per_run, note=lambda run=run: _final_note(run),
@@ -427,6 +435,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     common(p)
     p.add_argument("--seed", type=int, default=0, help="the seed of every run of this call (default 0)")
     p.add_argument("--experiments", nargs="+", default=ABLATIONS, help=f"default: {' '.join(ABLATIONS)}")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help=f"epochs per run (default {EPOCHS}: ~86 s per run fits ~6 s per epoch; see check's epoch), ε ÷ 10 after 70%%; the same for every seed, or report cannot combine them")
     p = sub.add_parser("collect", help="CPU, after: returned runs into results/runs/tiny-imagenet/gpu-50/")
     p.add_argument("folder", type=Path, help="the folder a stage's $OUT came back to")
     p.add_argument("--into", type=Path, default=COLLECTED, help=f"default {COLLECTED.relative_to(ROOT)}")
@@ -469,9 +479,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--experiments: {', '.join(unknown)} unknown; see reproduction/experiments.py")
         budget = BUDGET["ablations"] - 30 - 20  # the fig3 part and packing
         per_run = budget / len(args.experiments)
-        header.append(f"recipe: --set seed={args.seed} {' '.join(RECIPE)}; {per_run:.0f} s per run "
+        if args.epochs < 1:
+            raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+        header.append(f"recipe: --set seed={args.seed} {' '.join(recipe(args.epochs))}; {per_run:.0f} s per run "
                       "(a run past it is stopped by SIGTERM, checkpointed and packed as far as it got)")
-        parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, dry)
+        parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, dry, args.epochs)
     rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
