@@ -113,6 +113,26 @@ def test_a_gpu_test_that_skips_where_a_gpu_is_required_fails(pytester, monkeypat
     result.stdout.fnmatch_lines(["*gpu test skipped on a machine with a GPU*no data*"])
 
 
+def test_evaluate_reads_its_counts_from_the_device_once(tiny_set, monkeypatch):
+    """Per batch nothing waits for the device: one .item() for the whole split (the loss sum),
+    not three per batch; the numbers are those of a per-image count by hand."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4))
+    dataset, stats = PackedSet(tiny_set, "train"), load_stats(tiny_set)
+    calls = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append(1) or item(t))
+    got = evaluate(model, dataset, stats, RunConfig().data, ten_patch=False, batch_size=4, workers=0)
+    monkeypatch.undo()
+    assert len(calls) == 1 and got["images"] == 14
+    from reproduction.data import eval_batches
+    with torch.no_grad():
+        x, y = map(torch.cat, zip(*eval_batches(dataset, stats, RunConfig().data, batch_size=14, workers=0)))
+        p = model(x).softmax(1)
+    assert got["top1_error"] == pytest.approx((p.argmax(1) != y).float().mean().item())
+    assert got["loss"] == pytest.approx(-p[torch.arange(14), y].clamp_min(1e-30).log().mean().item(), rel=1e-5)
+
+
 # --- CUDA ---------------------------------------------------------------------------------
 
 @pytest.mark.gpu
