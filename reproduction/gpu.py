@@ -349,9 +349,10 @@ def pack(run: Path, out: Path, experiment: str, seed: int) -> str:
 def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[str]:
     """Unpack the ablation-*.tar.gz that a stage returned into `into`/<experiment>/seed<N>/
     (where `python -m reproduction.report` finds their final.json), and copy the stages'
-    summaries to results/gpu/. Returns what was done."""
+    summaries and logs to results/gpu/ (dated). Returns what was done."""
     archives = sorted(folder.rglob("ablation-*.tar.gz"))
     summaries = sorted(folder.rglob("*-summary.md"))
+    summaries += [log for log in sorted(folder.rglob("*.log")) if (log.parent / f"{log.stem}-summary.md").exists()]
     if not archives and not summaries:
         raise UserError(f"{folder} holds no ablation-*.tar.gz or *-summary.md; give the folder a "
                         "`python -m reproduction.gpu` stage wrote ($OUT, the run tool's files_at)")
@@ -383,7 +384,7 @@ def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[
     for path in summaries:
         gpu_results.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-        dest = gpu_results / f"{path.stem}-{stamp}.md"
+        dest = gpu_results / f"{path.stem}-{stamp}{path.suffix}"
         shutil.copy2(path, dest)
         done.append(f"{path.name} -> {dest}")
     return done
@@ -461,7 +462,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parts = prepare_parts(args.source, args.carry, classes, dry, args.force)
         rows = run_parts("prepare", parts, out, BUDGET["prepare"], dry_run=dry,
                          header=[f"carry: {args.carry}; then: run tool, carry [\"gpu-carry\"], "
-                                 "command `python -m reproduction.gpu check`"])
+                                 "command `python3 -m reproduction.gpu check`"])
         return 0 if all(r["status"] == "ok" for r in rows) else 1
     data = find_data(args.carry, args.data)
     if not dry:

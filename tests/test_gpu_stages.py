@@ -97,6 +97,8 @@ def test_ablations_pack_at_most_eight_files_and_collect_files_them(carry, capsys
     assert gpu.main(["collect", str(out), "--into", str(into), "--allow-dry-run"]) == 0
     final = json.loads((into / "one_tower" / "seed3" / "final.json").read_text())
     assert final["experiment"] == "one_tower"
+    copied = sorted(p.name for p in into.iterdir() if p.is_file())
+    assert [n.split("-2")[0] for n in copied] == ["ablations", "ablations-summary"]  # dated copies
     assert gpu.main(["collect", str(out), "--into", str(into), "--allow-dry-run"]) == 2  # no silent replace
 
 
