@@ -26,13 +26,10 @@ def git_status() -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_recipe():
+@pytest.fixture
+def tiny_recipe(monkeypatch):
     # 2 classes × 6 training / 2 val images, batch 4, 1 epoch: the job's code path in seconds.
-    saved = main_job.CPU_RUN
-    main_job.CPU_RUN = (2, 6, 2, {**saved[3], "batch_size": 4, "epochs": 1})
-    yield
-    main_job.CPU_RUN = saved
+    monkeypatch.setattr(main_job, "CPU_RUN", (2, 6, 2, {**main_job.CPU_RUN[3], "batch_size": 4, "epochs": 1}))
 
 
 def test_main_job_end_to_end_and_nothing_tracked_changes(tiny_recipe, tmp_path, capsys):
