@@ -96,6 +96,15 @@ def recipe(gpu: bool, dataset: str) -> tuple[list[str], str, dict]:
     return options, name, changes
 
 
+def shown(path: Path) -> Path:
+    """path relative to the working directory when it lies below it (so that config.json and
+    Fig. 3's record name runs/... and data/..., not this machine's absolute paths)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def new_folder(base: Path) -> Path:
     """base, or base-2, base-3, ... : the first that holds no run."""
     k = 1
@@ -138,13 +147,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     options, name, changes = recipe(gpu, args.dataset)
     source = find_tiny_imagenet(args.work) if args.dataset == "tiny-imagenet" else find_cifar10(args.work)
-    data = args.work / name
+    data = shown(args.work / name)
     print(f"1/4 preparing {args.dataset} -> {data}", flush=True)
     if prep([args.dataset, str(source), "--out", str(data), *options]) != 0:
         return 1
 
     config = override(EXPERIMENTS["paper"], {**changes, "seed": args.seed})
-    base = args.runs / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
+    base = shown(args.runs) / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
     out = new_folder(base) if args.new else base
     devices = parse_devices(None, config.model.towers)
     print(f"2/4 training the paper's net on {', '.join(map(str, devices))} -> {out}\n"
@@ -169,7 +178,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 1
     report = write_report(args.runs)
     if args.evidence:
-        evidence = REPO / "results" / "runs" / out.relative_to(args.runs)
+        evidence = REPO / "results" / "runs" / out.relative_to(shown(args.runs))
         evidence.mkdir(parents=True, exist_ok=True)
         for f in ("config.json", "metrics.jsonl", "final.json", figure.name, figure.with_suffix(".json").name):
             shutil.copy2(out / f, evidence / f)
