@@ -127,23 +127,26 @@ def _member(tar: tarfile.TarFile, suffix: str) -> bytes:
 
 # ---------------------------------------------------------------- ILSVRC-2012 -----------------
 
-def read_devkit(path: Path) -> tuple[dict[int, tuple[str, str]], list[int]]:
-    """ILSVRC2012_devkit_t12.tar.gz → ({ILSVRC2012_ID: (wnid, words)} for ids 1..1000, val ids).
+def read_devkit(path: Path, year: int = 2012) -> tuple[dict[int, tuple[str, str]], list[int]]:
+    """ILSVRC{year}'s devkit → ({ILSVRC{year}_ID: (wnid, words)} for the challenge's leaf
+    classes, the val images' ids in file-name order).
 
     meta.mat is MATLAB v5; read with scipy.io.loadmat, as torchvision's ImageNet dataset does.
+    Leaves: for 2012 the ids 1..1000 (higher ids are inner WordNet nodes); for 2010 the
+    synsets with num_children == 0. Ids are kept as the devkit gives them: the class index
+    comes from the sorted wnids, never from id − 1.
     """
-    import scipy.io  # only this source needs it
+    import scipy.io  # only these sources need it
     with tarfile.open(path, "r:*") as tar:
         meta = _member(tar, "data/meta.mat")
-        truth = _member(tar, "data/ILSVRC2012_validation_ground_truth.txt")
+        truth = _member(tar, f"data/ILSVRC{year}_validation_ground_truth.txt")
     mat = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True, struct_as_record=False)
     leaves = {}
     for s in np.atleast_1d(mat["synsets"]):
-        sid = int(s.ILSVRC2012_ID)
-        if 1 <= sid <= 1000:  # the leaf classes of the challenge; higher ids are inner WordNet nodes
+        sid = int(getattr(s, f"ILSVRC{year}_ID"))
+        if (1 <= sid <= 1000) if year == 2012 else int(s.num_children) == 0:
             leaves[sid] = (str(s.WNID), str(s.words))
-    val_ids = [int(line) for line in truth.decode().split()]
-    return leaves, val_ids
+    return leaves, [int(line) for line in truth.decode().split()]
 
 
 def ilsvrc2012(root: Path) -> Source:
@@ -258,25 +261,6 @@ ILSVRC2010_FILES = {"train": "ILSVRC2010_images_train.tar", "val": "ILSVRC2010_i
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def read_devkit_2010(path: Path) -> tuple[dict[int, tuple[str, str]], list[int]]:
-    """ILSVRC2010_devkit-1.0.tar.gz → ({ILSVRC2010_ID: (wnid, words)} for the leaf synsets, val ids).
-
-    Leaves are the synsets with num_children == 0 (the challenge's classes; the others are inner
-    WordNet nodes). Their ids are kept as the devkit gives them: the class index comes from the
-    sorted wnids, never from id − 1.
-    """
-    import scipy.io
-    with tarfile.open(path, "r:*") as tar:
-        meta = _member(tar, "data/meta.mat")
-        truth = _member(tar, "data/ILSVRC2010_validation_ground_truth.txt")
-    mat = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True, struct_as_record=False)
-    leaves = {}
-    for s in np.atleast_1d(mat["synsets"]):
-        if int(s.num_children) == 0:
-            leaves[int(s.ILSVRC2010_ID)] = (str(s.WNID), str(s.words))
-    return leaves, [int(line) for line in truth.decode().split()]
-
-
 def gunzip_if_wrapped(read: Callable[[], bytes]) -> Callable[[], bytes]:
     """The 2010 tars hold JPEGs stored gzip-compressed under a .JPEG name: undo the gzip layer
     (bytes that fail to gunzip are passed on as they are, and the decoder reports them)."""
@@ -301,7 +285,7 @@ def ilsvrc2010(root: Path) -> Source:
     if not paths["test_truth"].is_file():
         raise SourceError(f"{paths['test_truth']}: not found; the test split is labelled from it "
                           "(one ILSVRC2010_ID per line, in file-name order)")
-    leaves, val_ids = read_devkit_2010(paths["devkit"])
+    leaves, val_ids = read_devkit(paths["devkit"], year=2010)
     test_ids = [int(line) for line in paths["test_truth"].read_text().split()]
     classes = _classes([w for w, _ in leaves.values()], {w: n for w, n in leaves.values()},
                        {w: sid for sid, (w, _) in leaves.items()})

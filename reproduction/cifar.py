@@ -25,7 +25,6 @@ windows that may overhang the edge (outputsX = ceil((S − 3)/2) + 1), per-layer
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from data_prep.pack import sha256_file
 from reproduction.config import CifarConfig
 from reproduction.errors import UserError, reading
 from reproduction.optim import PaperSGD, fixed_schedule_lr
@@ -201,7 +201,7 @@ def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None
         raise UserError(f"CIFAR-10 not found: missing {', '.join(missing)} "
                                 f"(expected ../shared/data/cifar10 or --data DIR with train.tar.gz, test.tar.gz)")
     # The cache is keyed by its source (the tars' paths and contents): other --data rebuilds it.
-    key = json.dumps({s: {"path": str(p.resolve()), "sha256": _sha256(p)} for s, p in tars.items()}, sort_keys=True)
+    key = json.dumps({s: {"path": str(p.resolve()), "sha256": sha256_file(p)} for s, p in tars.items()}, sort_keys=True)
     data = _read_cache(cache, key, tars) if cache is not None else None
     if data is None:
         data = {split: _read_tar(path, per_class) for split, path in tars.items()}
@@ -215,14 +215,6 @@ def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None
     if per_class is not None:
         data = {s: _first_per_class(x, y, per_class) for s, (x, y) in data.items()}
     return {s: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)) for s, (x, y) in data.items()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_cache(cache: Path, key: str, tars: dict) -> dict | None:

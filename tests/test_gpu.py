@@ -31,13 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = dataclasses.replace(PAPER, dropout=0.0, num_classes=10)  # masks differ between devices
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
 
 def batch(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -285,14 +285,6 @@ def test_placement_arguments():
         AlexNet(ABLATIONS["one_tower"], devices=("cpu", "cpu"))
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 matmuls and convolutions on CUDA for one test; the process's settings restored after."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
 
 @pytest.mark.gpu
 def test_two_devices_cuda_and_cpu_equal_one_device(no_tf32):
