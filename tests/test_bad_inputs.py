@@ -752,7 +752,9 @@ def test_ctrl_c_on_a_prep_with_workers_ends_promptly_and_resumes(tmp_path):
     """Ctrl-C reaches the whole process group (the parent and its two workers): the prep ends
     within seconds, with one line on how to resume and no traceback; the rerun finishes."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("val", 4)):
+    # 400 images (~2 s of prep on 2 idle cores): enough that the prep cannot finish between the
+    # first chunk appearing and the signal arriving (40 could, on an idle machine).
+    for split, n in (("train", 400), ("val", 4)):
         for i in range(n):
             d = tmp_path / "src" / split / f"c{i % 2}"
             d.mkdir(parents=True, exist_ok=True)
@@ -776,4 +778,4 @@ def test_ctrl_c_on_a_prep_with_workers_ends_promptly_and_resumes(tmp_path):
     assert "Traceback" not in err and "rerun the same command to resume" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert prep_main(argv) == 0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["count"] == 40
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["count"] == 400
