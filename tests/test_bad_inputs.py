@@ -752,17 +752,20 @@ def test_ctrl_c_on_a_prep_with_workers_ends_promptly_and_resumes(tmp_path):
     """Ctrl-C reaches the whole process group (the parent and its two workers): the prep ends
     within seconds, with one line on how to resume and no traceback; the rerun finishes."""
     rng = np.random.default_rng(0)
-    # 400 images (~2 s of prep on 2 idle cores): enough that the prep cannot finish between the
+    # 200 images (~1 s of prep on 2 idle cores): enough that the prep cannot finish between the
     # first chunk appearing and the signal arriving (40 could, on an idle machine).
-    for split, n in (("train", 400), ("val", 4)):
+    for split, n in (("train", 200), ("val", 4)):
         for i in range(n):
             d = tmp_path / "src" / split / f"c{i % 2}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (300, 400, 3), np.uint8)).save(d / f"{i}.png", compress_level=0)
     argv = ["imagefolder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "2",
             "--chunk-size", "2", "--no-hash"]
+    # SIGINT back to its default in the child: a test runner started in the background (as
+    # CI may be) passes SIGINT on as ignored, and Python then installs no Ctrl-C handler.
     p = subprocess.Popen([sys.executable, "-m", "data_prep", *argv], cwd=REPO, env=_env(), start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "out" / ".partial" / "train-000001.json").exists():
@@ -778,4 +781,4 @@ def test_ctrl_c_on_a_prep_with_workers_ends_promptly_and_resumes(tmp_path):
     assert "Traceback" not in err and "rerun the same command to resume" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert prep_main(argv) == 0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["count"] == 400
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["count"] == 200
