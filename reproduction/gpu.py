@@ -485,7 +485,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         header.append(f"recipe: --set seed={args.seed} {' '.join(recipe(args.epochs))}; {per_run:.0f} s per run "
                       "(a run past it is stopped by SIGTERM, checkpointed and packed as far as it got)")
         parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, dry, args.epochs)
-    rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header)
+    try:
+        rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the packed runs are in $OUT; checkpoints go with the machine
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
