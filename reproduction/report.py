@@ -17,7 +17,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 # Error added by each ablation, as the paper reports it (top-1, top-5; None: not reported).
 PAPER_EFFECTS = {
@@ -371,17 +371,22 @@ def _verdict_ratio(r: dict) -> str:
     return "ReLU is faster, by more than the paper's ~6×."
 
 
-def filter_sections(results: Path) -> list[str]:
-    """Fig. 3: each conv1 picture written by `python -m reproduction.visualize filters` under
-    results/, with its per-tower colour-specificity scores."""
-    found = []
+def json_records(results: Path) -> Iterator[tuple[Path, dict]]:
+    """Every readable JSON object under `results`, in path order (unreadable files are passed over)."""
     for path in sorted(results.rglob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and "per_tower" in data and "kernel_shape" in data:
-            found.append((path, data))
+        if isinstance(data, dict):
+            yield path, data
+
+
+def filter_sections(results: Path) -> list[str]:
+    """Fig. 3: each conv1 picture written by `python -m reproduction.visualize filters` under
+    results/, with its per-tower colour-specificity scores."""
+    found = [(path, data) for path, data in json_records(results)
+             if "per_tower" in data and "kernel_shape" in data]
     if not found:
         return []
     lines = ["", "## Fig. 3: conv1's kernels per tower", "",
@@ -420,12 +425,8 @@ NOT_RUN = "not yet run"
 def find_evaluations(results: Path) -> list[dict]:
     """Every `python -m reproduction.evaluate` result under `results` (one net or an ensemble)."""
     found = []
-    for path in sorted(results.rglob("*.json")):
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not (isinstance(d, dict) and {"centre", "ten_patch", "split", "checkpoint"} <= set(d)):
+    for path, d in json_records(results):
+        if not {"centre", "ten_patch", "split", "checkpoint"} <= set(d):
             continue
         members = d["checkpoint"] if isinstance(d["checkpoint"], list) else [d["checkpoint"]]
         archs = d.get("architectures") or [{} for _ in members]
