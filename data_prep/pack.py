@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 import zlib
@@ -156,6 +157,34 @@ def _worker_init() -> None:
 
 def _exit_worker(signum, frame):
     raise SystemExit(0)  # unwinds, so the queue lock a waiting worker holds is released
+
+
+def stop_pool(pool, grace: float = 3.0) -> None:
+    """Pool.terminate() and join, killing (SIGKILL) any worker still alive after `grace` seconds.
+
+    terminate() sends each worker SIGTERM and waits for it. CPython runs a signal's handler
+    between bytecodes, so a SIGTERM that lands just before a worker blocks on the task queue's
+    lock is never acted on, and terminate() waited for that worker forever (seen on a 2-core AMD
+    EPYC: the suite's Ctrl-C of a 2-worker prep hung; a loop of such stops hit it 16 times in
+    400). By then the parent holds that lock itself, so a worker killed while it waits for the
+    lock leaves nothing held."""
+    workers = list(pool._pool)  # no public API lists them
+    finished = threading.Event()
+
+    def reap() -> None:
+        if not finished.wait(grace):
+            for p in workers:
+                if p.exitcode is None:
+                    p.kill()
+
+    reaper = threading.Thread(target=reap, name="stop_pool", daemon=True)
+    reaper.start()
+    try:
+        pool.terminate()
+        pool.join()
+    finally:
+        finished.set()
+        reaper.join()
 
 
 def _chunk_paths(work: Path, cid: str) -> tuple[Path, Path]:
@@ -427,8 +456,7 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
                                 "rerun the same command once the source is whole") from None
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            stop_pool(pool)
     convert_seconds = time.perf_counter() - t0
     stored = {s: sum(m["stored"] for m in markers[s]) for s in source.splits}
     required = [s for s in source.splits if s in ("train", "val")]  # a held-out set's test may be empty

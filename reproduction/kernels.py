@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,27 +49,38 @@ def library():
 
 
 def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reproduction"
-    target = cache / f"kernels-{key}.so"
-    if target.exists():
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    for cache in _caches():
+        target = cache / f"kernels-{key}.so"
+        if target.exists():
+            return target
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=".kernels-", suffix=".so")
+        except OSError:
+            continue  # an unwritable cache (a read-only home): the next one
+        os.close(fd)
+        try:
+            done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True, timeout=120)
+            if done.returncode:
+                raise RuntimeError(f"{shlex.join(compiler)} failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, target)  # a concurrent build of the same key writes the same bytes
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".kernels-", suffix=".so")
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                              text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # a concurrent build of the same key writes the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    raise RuntimeError(f"no writable cache folder ({', '.join(map(str, _caches()))})")
+
+
+def _caches() -> list[Path]:
+    """Where the built library goes: ~/.cache/reproduction (or $XDG_CACHE_HOME), else a folder
+    of this user's in the system's temporary directory."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reproduction"
+    return [home, Path(tempfile.gettempdir()) / f"reproduction-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
 
 
 def _load(path: Path):

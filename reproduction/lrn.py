@@ -147,16 +147,36 @@ def _strides(t: Tensor):
 
 def reference(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float, k: float,
               groups: int = 1) -> Tensor:
-    """The operator in plain PyTorch (fp32 arithmetic): F.local_response_norm per group, and
-    its gradient by autograd. The fallback where the kernel cannot be built, and the oracle."""
-    with torch.enable_grad():
-        a = x.detach().float().requires_grad_(grad is not None)
-        y = torch.cat([F.local_response_norm(p, size, alpha=alpha, beta=beta, k=k)
-                       for p in a.chunk(groups, 1)], dim=1)
-        if grad is not None:
-            (y,) = torch.autograd.grad(y, a, grad.float())
+    """The operator in plain PyTorch: the forward, or (grad given) the backward in closed form,
+    the formulas kernels.c computes, per group. fp32 arithmetic (fp64 for fp64 inputs). The
+    fallback where the kernel cannot be built or does not take the dtype, and runs inside the
+    operator, where autograd is off: hence the backward by formula, not by autograd.
+
+        d_i = k + c·Σ_{j in W(i)} a_j²,  W(i) = [i − size//2, i + (size−1)//2],  c = α/size
+        b_i = a_i·d_i^-β
+        ∂a_i = g_i·d_i^-β − 2βc·a_i·Σ_{j: i in W(j)} g_j·a_j·d_j^(-β-1)
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lo, hi, c = size // 2, (size - 1) // 2, alpha / size
+    xs = x.detach().to(dtype).chunk(groups, 1)
+    gs = grad.detach().to(dtype).chunk(groups, 1) if grad is not None else [None] * groups
+    parts = []
+    for a, g in zip(xs, gs):
+        d = k + c * _window_sum(a * a, lo, hi)
+        r = d.pow(-beta)
+        parts.append(a * r if g is None else g * r - (2 * beta * c) * a * _window_sum(g * a * r / d, hi, lo))
     out = torch.empty_like(x)
-    out.copy_(y)
+    out.copy_(torch.cat(parts, dim=1))
+    return out
+
+
+def _window_sum(v: Tensor, lo: int, hi: int) -> Tensor:
+    """out[:, i] = Σ_{j=i−lo}^{i+hi} v[:, j] over the channels, clipped at the edges."""
+    m = v.shape[1]
+    padded = F.pad(v, (0, 0, 0, 0, lo, hi))
+    out = padded[:, :m].clone()
+    for o in range(1, lo + hi + 1):
+        out += padded[:, o:o + m]
     return out
 
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 import shutil
+import signal
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from PIL import Image
 
 from data_prep import image, sources
 from data_prep.__main__ import build_parser, main
-from data_prep.pack import Options, PrepError, prepare
+from data_prep.pack import Options, PrepError, prepare, stop_pool
 
 FAST = dict(workers=1, hash_sources=False, constants=None)
 # Classes taken from imagenet-sample for the small ILSVRC archive: spread over the sorted
@@ -338,6 +342,31 @@ def test_interrupted_prep_resumes_without_redoing_chunks(shared_data, tmp_path):
     assert again == []
     with pytest.raises(PrepError, match="complete set made with other settings"):
         prepare(src, out, Options(**{**FAST, "chunk_size": 2, "resample": "lanczos"}))
+
+
+def _deaf_worker() -> None:
+    """A worker that never acts on SIGTERM: what a worker is when the signal lands just before
+    it blocks on the pool's queue lock (CPython then never runs the handler)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _stall(folder: str) -> None:
+    Path(folder, str(os.getpid())).touch()
+    time.sleep(120)
+
+
+def test_stopping_the_pool_cannot_hang_on_a_worker_that_missed_sigterm(tmp_path):
+    pool = multiprocessing.get_context().Pool(2, initializer=_deaf_worker)
+    workers = list(pool._pool)
+    for _ in workers:
+        pool.apply_async(_stall, (str(tmp_path),))
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:  # both stalled
+        time.sleep(0.05)
+    start = time.monotonic()
+    stop_pool(pool, grace=0.5)  # pool.terminate() alone waits for these two forever
+    assert time.monotonic() - start < 10
+    assert [p.exitcode for p in workers] == [-signal.SIGKILL] * 2
 
 
 def test_interrupted_prep_resumes_with_worker_processes(shared_data, tmp_path):

@@ -6,6 +6,7 @@ reference net; and torch.compile seeing it as one node."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -92,10 +93,78 @@ def test_fallback_is_the_same_formula():
     x = (torch.randn(2, 12, 3, 3, generator=torch.Generator().manual_seed(1)) * 40).relu()
     g = torch.randn_like(x)
     y = lrn.reference(x, None, 5, 5e-4, 0.75, 2.0, groups=2)
-    torch.testing.assert_close(y.double(), oracle(x, 5, 5e-4, 0.75, 2.0, 2))
+    fp32 = dict(rtol=1e-5, atol=1e-6)  # fp32 arithmetic against the fp64 oracle
+    torch.testing.assert_close(y.double(), oracle(x, 5, 5e-4, 0.75, 2.0, 2), **fp32)
     x64 = x.double().requires_grad_(True)
     (dx64,) = torch.autograd.grad(oracle(x64, 5, 5e-4, 0.75, 2.0, 2), x64, g.double())
-    torch.testing.assert_close(lrn.reference(x, g, 5, 5e-4, 0.75, 2.0, groups=2).double(), dx64)
+    torch.testing.assert_close(lrn.reference(x, g, 5, 5e-4, 0.75, 2.0, groups=2).double(), dx64, **fp32)
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """The operator as it runs where the C kernel cannot be built (no compiler, a failed build)."""
+    monkeypatch.setattr(lrn.kernels, "library", lambda: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_operator_without_the_kernel_runs_forward_and_backward(no_kernel, dtype):
+    """The fallback through the operator and autograd, as a training step calls it: the backward
+    runs inside the operator, where autograd is off (a fallback by autograd failed there)."""
+    check(48, 5, dtype, "channels_last", groups=2)
+    check(7, 4, dtype, "nchw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_operator_takes_dtypes_the_kernel_does_not(dtype):
+    """fp64 and fp16 never reach the C kernel: the fallback computes them (fp64 in fp64)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 12, 3, 3, generator=g) * 40).relu().to(dtype).requires_grad_(True)
+    grad = torch.randn(2, 12, 3, 3, generator=g).to(dtype)
+    y = lrn.local_response_norm(x, 5, 5e-4, 0.75, 2.0, 2)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    x64 = x.detach().double().requires_grad_(True)
+    (dx64,) = torch.autograd.grad(oracle(x64, 5, 5e-4, 0.75, 2.0, 2), x64, grad.double())
+    assert y.dtype == dx.dtype == dtype
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y.double(), oracle(x64.detach(), 5, 5e-4, 0.75, 2.0, 2), **tol)
+    torch.testing.assert_close(dx.double(), dx64, **tol)
+
+
+def test_training_step_without_the_kernel(no_kernel):
+    """A whole training step of the net with fused_lrn on and no kernel: the gradients are the
+    reference net's (what a machine without a compiler trains with)."""
+    plain, fused = nets({"dropout": 0.0, "init_bias": 0.0})
+    x, y = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4)), torch.tensor([1, 7])
+    (loss_p, grads_p), (loss_f, grads_f) = run(plain, x, y), run(fused, x, y)
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build the kernels with")
+def test_kernels_build_with_a_compiler_command_and_an_unwritable_cache(monkeypatch, tmp_path):
+    """$CC may be a command with words ("ccache gcc"); a cache folder that cannot be made (here
+    one below a file) falls back to the temporary directory instead of losing the kernels."""
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))
+    monkeypatch.setenv("CC", "env gcc")
+    monkeypatch.setattr(lrn.kernels.tempfile, "tempdir", str(tmp_path))
+    built = lrn.kernels._build()
+    assert built.parent == tmp_path / built.parent.name and built.is_file()
+    assert lrn.kernels._load(built).lrn is not None
+
+
+def test_a_failed_build_falls_back_and_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")
+    monkeypatch.setattr(lrn.kernels, "_tried", False)
+    monkeypatch.setattr(lrn.kernels, "_lib", None)
+    assert lrn.kernels.library() is None and not lrn.kernel_available()
+    assert "could not be built" in capsys.readouterr().err
+    x = torch.rand(1, 8, 2, 2, requires_grad=True)
+    lrn.local_response_norm(x, 5, 1e-4, 0.75, 2.0).sum().backward()  # the fallback, through autograd
+    assert torch.isfinite(x.grad).all()
 
 
 def test_bad_shapes_and_groups_are_refused():
