@@ -2,7 +2,8 @@
 the paper's recipe, evaluate it as the paper did (centre patch and ten patches), draw conv1's
 kernels per tower (Fig. 3) and write the report.
 
-    python -m reproduction              # ~11 minutes on a 2-core CPU with native bf16
+    python -m reproduction              # sized to end within 10 minutes on this machine
+    python -m reproduction --minutes 20 # a longer budget: more epochs, where they fit
     python -m reproduction --new        # train again, into a new run folder
     python -m reproduction --evidence   # also file the run's text files and Fig. 3 under results/
 
@@ -12,11 +13,19 @@ checkout when it is there, otherwise the public tiny-imagenet-200.zip downloaded
 torchvision and checked by its MD5. On a CPU the run is scaled down so it ends in minutes, and
 says so (CPU_RUN below); with a GPU it trains all 200 classes (GPU_RUN). The run folder goes to
 runs/ (not in git); results/ changes only with --evidence.
+
+Sized by the machine: the run times its own first training steps, then keeps as many of the
+recipe's epochs as end the whole job within --minutes (and, where not even one epoch of the
+subset would, trains on fewer images per class), prints that plan with its ETA before going on,
+and records it in config.json ("plan") and the report. Every choice made for this machine
+(precision, epochs, images) is printed with its reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -25,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from reproduction.config import override
+from reproduction.config import RunConfig, override
 from reproduction.errors import UserError, run_cli
 from reproduction.experiments import EXPERIMENTS
 
@@ -43,7 +52,65 @@ TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 CPU_RUN = (10, 500, 50, {"batch_size": 32, "epochs": 6, "fused_lrn": True, "fused_sgd": True,
                          "channels_last": True})
 # With a GPU: all 200 classes (100,000 / 10,000 images), the paper's batch of 128, 30 epochs.
-GPU_RUN = (200, None, None, {"epochs": 30, "fused_lrn": True, "channels_last": True, "precision": "bf16"})
+GPU_RUN = (200, None, None, {"epochs": 30, "fused_lrn": True, "channels_last": True})
+# The plan's time model (measured on a 2-core AMD EPYC, fp32 fast path, batch 32): evaluation
+# runs at ~2.5x training's img/s (a forward pass against forward, backward and update: 58.5
+# patches/s ten-patch against 23.3 img/s end-to-end training); an epoch's checkpoint (and
+# best.pt) writes take a few seconds; Fig. 3 and the report a few more.
+EVAL_SPEEDUP = 2.5
+SAVE_SECONDS = 4.0
+FINISH_SECONDS = 10.0
+PROBE_STEPS = 6        # timed steps after the warm-up step; they are the run's first steps
+LEAST_PER_CLASS = (20, 10)  # train / val images per class below which the job does not shrink
+
+
+class TooSlow(Exception):
+    """Not even one epoch of the subset fits the budget: the job restarts on fewer images."""
+
+    def __init__(self, fraction: float, message: str) -> None:
+        super().__init__(message)
+        self.fraction = fraction
+
+
+@dataclasses.dataclass
+class Budget:
+    """The main job's plan (train.Plan): as many of the recipe's epochs as end the whole job
+    within `seconds` of `began`, from the run's own measured training speed."""
+    seconds: float
+    began: float              # time.time() at the job's start
+    train_images: int
+    val_images: int
+    choices: dict             # what was already chosen for this machine, with its reason
+    may_shrink: bool = True   # False once the job has restarted on fewer images
+    steps: int = PROBE_STEPS
+
+    def estimate(self, epochs: int, img_per_s: float, images_done: int) -> float:
+        """Seconds from the job's start to its end with `epochs` epochs."""
+        eval_rate = img_per_s * EVAL_SPEEDUP
+        epoch = self.train_images / img_per_s + self.val_images / eval_rate + SAVE_SECONDS
+        final = 10 * self.val_images / eval_rate + FINISH_SECONDS  # ten patches (the centre is the last epoch's)
+        return time.time() - self.began + epochs * epoch - images_done / img_per_s + final
+
+    def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]:
+        most = config.train.epochs
+        fits = [e for e in range(most, 0, -1) if self.estimate(e, img_per_s, images_done) <= self.seconds]
+        one = self.estimate(1, img_per_s, images_done)
+        if not fits and self.may_shrink:
+            spent = time.time() - self.began
+            fraction = max(0.0, (self.seconds - spent - FINISH_SECONDS) / (one - spent - FINISH_SECONDS))
+            raise TooSlow(fraction, f"    at {img_per_s:.1f} img/s one epoch of {self.train_images:,} images would end "
+                                    f"the job after {one / 60:.1f} min (budget {self.seconds / 60:g})")
+        epochs = fits[0] if fits else 1
+        eta = self.estimate(epochs, img_per_s, images_done)
+        reason = (f"{epochs} of the recipe's {most} epochs: the first {images_done} training images ran at "
+                  f"{img_per_s:.1f} img/s, so the job ends in about {eta / 60:.1f} min "
+                  + (f"(budget {self.seconds / 60:g} min)" if fits else
+                     f"(over the {self.seconds / 60:g} min budget: one epoch is the least it trains)"))
+        print(f"    plan: {reason}", flush=True)
+        record = {"budget_minutes": self.seconds / 60, "measured_img_per_s": img_per_s,
+                  "timed_images": images_done, "epochs": epochs, "recipe_epochs": most,
+                  "eta_minutes": eta / 60, "choices": {**self.choices, "epochs": reason}}
+        return override(config, {"epochs": epochs}), record
 DATASETS = ("tiny-imagenet", "cifar10")
 
 
@@ -77,15 +144,22 @@ def find_cifar10(work: Path) -> Path:
     return root / "cifar-10-batches-py"
 
 
-def recipe(gpu: bool, dataset: str) -> tuple[list[str], str, dict]:
-    """data_prep's subset options, the subset's name, and the recipe changes for this machine."""
-    from reproduction.evaluate import native_bf16
+# Images per class in each source's train and val splits (what "all" means when shrinking).
+FULL = {"tiny-imagenet": (500, 50), "cifar10": (5000, 1000)}
+
+
+def recipe(gpu: bool, dataset: str, fraction: float = 1.0) -> tuple[list[str], str, dict]:
+    """data_prep's subset options, the subset's name, and the recipe changes for this machine;
+    fraction < 1: that share of the images per class (the budget's shrink), never below
+    LEAST_PER_CLASS."""
     classes, per_class, val_per_class, changes = GPU_RUN if gpu else CPU_RUN
     if dataset == "cifar10":  # the earlier quickstart: 400 / 50 images per class, 3 epochs
         classes, per_class, val_per_class = (None, None, None) if gpu else (None, 400, 50)
         changes = changes if gpu else {**changes, "epochs": 3}
-    if not gpu and native_bf16("cpu"):
-        changes = {**changes, "precision": "bf16"}  # AMX / AVX512-BF16: bf16 matmuls ~3× fp32's speed
+    if fraction < 1:
+        full = FULL[dataset]
+        per_class, val_per_class = (max(least, min(n or all_, math.floor((n or all_) * fraction)))
+                                    for n, all_, least in zip((per_class, val_per_class), full, LEAST_PER_CLASS))
     options, name = [], dataset
     if classes:
         options += ["--classes", str(classes)]
@@ -94,6 +168,43 @@ def recipe(gpu: bool, dataset: str) -> tuple[list[str], str, dict]:
         options += ["--limit-per-class", str(per_class), "--val-limit-per-class", str(val_per_class)]
         name += f"x{per_class}"
     return options, name, changes
+
+
+def run(config: RunConfig, data: Path, out: Path, devices, argv: list[str], budget: float,
+        began: float, shrunk: str | None) -> bool:
+    """Train the main job's run into `out`: report a finished one, resume an unfinished one
+    (with the epochs it planned), or start one whose precision is measured and whose epochs
+    the budget chooses. Returns whether it trained a fresh run."""
+    from reproduction import runs
+    from reproduction.data import PackedSet
+    from reproduction.precision import choose_precision
+    from reproduction.train import synthetic_step, train
+    changes = {k: v for k, v in runs.config_dict(config)["train"].items() if v != getattr(EXPERIMENTS["paper"].train, k)}
+    print(f"2/4 training the paper's net on {', '.join(map(str, devices))} -> {out}\n"
+          f"    recipe: the paper's, except {changes} (a scaled-down run, at most {config.train.epochs} "
+          "epochs: the plan below keeps those that fit the budget; see README)", flush=True)
+    command = ["python", "-m", "reproduction", *argv]
+    if (out / "final.json").exists():
+        print(f"    {out} already holds a finished run: reporting it (--new trains again into a new folder)")
+        return False
+    if (out / "checkpoint.pt").exists():
+        print(f"    {out} holds an unfinished run: resuming it with its planned epochs (--new starts another)")
+        saved = runs.config_of(runs.load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
+        train(saved, data, out, experiment="paper", resume=True, devices=devices, command=command)
+        return False
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} holds files of a run that stopped before its first checkpoint: delete "
+                        "that folder, or pass --new to train into another")
+    sized = override(config, {"num_classes": len(PackedSet(data, "train").classes)})
+    precision, why = choose_precision(devices[0], lambda p: synthetic_step(override(sized, {"precision": p}),
+                                                                             devices[0])[0])
+    print(f"    precision {why}", flush=True)
+    counts = {split: len(PackedSet(data, split)) for split in ("train", "val")}
+    choices = {"precision": why} | ({"images": shrunk + "; images per class reduced"} if shrunk else {})
+    plan = Budget(budget, began, counts["train"], counts["val"], choices, may_shrink=shrunk is None)
+    train(override(config, {"precision": precision}), data, out, experiment="paper", devices=devices,
+          command=command, plan=plan)
+    return True
 
 
 def shown(path: Path) -> Path:
@@ -130,6 +241,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=REPO / "runs",
                         help="where the run folder and its report go (default: runs/, not in git)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    parser.add_argument("--minutes", type=float, default=10.0,
+                        help="the whole job's time budget (default 10): the run times its first steps and keeps "
+                             "as many epochs of the recipe (at most 6 on a CPU, 30 with a GPU) as end within it")
     parser.add_argument("--new", action="store_true",
                         help="train again into a new run folder (default: resume or reuse this seed's run)")
     parser.add_argument("--evidence", action="store_true",
@@ -137,39 +251,37 @@ def _main(argv: Sequence[str] | None = None) -> int:
                              "rewrite results/README.md (what the committed evidence was made with)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if not args.minutes > 0:
+        parser.error(f"--minutes {args.minutes:g}: give a positive number of minutes")
 
     from data_prep.__main__ import main as prep  # the same CLI a user would call
     from reproduction.report import write_report
-    from reproduction.train import parse_devices, train
+    from reproduction.train import parse_devices
     from reproduction.visualize import main as visualize
 
     begin = time.time()
     gpu = torch.cuda.is_available()
-    options, name, changes = recipe(gpu, args.dataset)
-    source = find_tiny_imagenet(args.work) if args.dataset == "tiny-imagenet" else find_cifar10(args.work)
-    data = shown(args.work / name)
-    print(f"1/4 preparing {args.dataset} -> {data}", flush=True)
-    if prep([args.dataset, str(source), "--out", str(data), *options]) != 0:
-        return 1
-
-    config = override(EXPERIMENTS["paper"], {**changes, "seed": args.seed})
-    base = shown(args.runs) / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
-    out = new_folder(base) if args.new else base
-    devices = parse_devices(None, config.model.towers)
-    print(f"2/4 training the paper's net on {', '.join(map(str, devices))} -> {out}\n"
-          f"    recipe: the paper's, except {changes} (a scaled-down run; see README)", flush=True)
-    start = time.time()
-    if (out / "final.json").exists():
-        print(f"    {out} already holds a finished run: reporting it (--new trains again into a new folder)")
-    else:
-        resume = (out / "checkpoint.pt").exists()
-        if resume:
-            print(f"    {out} holds an unfinished run: resuming it (--new starts another)")
-        elif out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} holds files of a run that stopped before its first checkpoint: delete "
-                            "that folder, or pass --new to train into another")
-        train(config, data, out, experiment="paper", resume=resume, devices=devices,
-              command=["python", "-m", "reproduction", *argv])
+    fraction, shrunk = 1.0, None
+    while True:  # a second pass only when not even one epoch of the subset fits the budget
+        options, name, changes = recipe(gpu, args.dataset, fraction)
+        source = find_tiny_imagenet(args.work) if args.dataset == "tiny-imagenet" else find_cifar10(args.work)
+        data = shown(args.work / name)
+        print(f"1/4 preparing {args.dataset} -> {data}", flush=True)
+        if prep([args.dataset, str(source), "--out", str(data), *options]) != 0:
+            return 1
+        config = override(EXPERIMENTS["paper"], {**changes, "seed": args.seed})
+        base = shown(args.runs) / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
+        out = new_folder(base) if args.new else base
+        devices = parse_devices(None, config.model.towers)
+        start = time.time()
+        try:
+            fresh = run(config, data, out, devices, argv, args.minutes * 60, begin, shrunk)
+            break
+        except TooSlow as e:
+            shutil.rmtree(out)  # it holds only the config.json of the run the plan stopped
+            fraction, shrunk = max(e.fraction, 0.0), str(e)
+            print(f"{e}: preparing fewer images per class instead (the {PROBE_STEPS + 1} steps "
+                  "just timed are not kept)", flush=True)
     trained = time.time() - start
 
     figure = out / "fig3-conv1.png"
@@ -184,11 +296,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
             shutil.copy2(out / f, evidence / f)
         print(f"    evidence -> {evidence}; results report -> {write_report(REPO / 'results')}")
     print(f"4/4 report -> {report}\n")
-    summary(out, trained, time.time() - begin)
+    summary(out, trained, time.time() - begin, fresh)
     return 0
 
 
-def summary(out: Path, trained: float, total: float) -> None:
+def summary(out: Path, trained: float, total: float, fresh: bool) -> None:
     """The run's numbers beside chance, the towers' colour scores, and where everything is."""
     import json
     final = json.loads((out / "final.json").read_text())
@@ -206,7 +318,10 @@ def summary(out: Path, trained: float, total: float) -> None:
     print("conv1 colour specificity (0 grey, 1 pure colour; random weights ≈ 0.67): "
           + ", ".join(f"tower {'AB'[i]} {t['mean']:.3f} ± {t['sd']:.3f}" for i, t in enumerate(towers)))
     print(f"run folder {out}; Fig. 3 {out / 'fig3-conv1.png'}; report {out.parents[2] / 'README.md'}")
-    print(f"{trained / 60:.1f} min training and evaluation, {total / 60:.1f} min in all")
+    plan = meta.get("plan")
+    planned = (f" (planned {plan['eta_minutes']:.1f} min for a {plan['budget_minutes']:g}-minute budget)"
+               if plan and fresh else "")
+    print(f"{trained / 60:.1f} min training and evaluation, {total / 60:.1f} min in all{planned}")
 
 
 if __name__ == "__main__":

@@ -32,15 +32,16 @@ import torch
 import torchvision
 from torch import nn
 
-from reproduction.config import DataConfig, RunConfig, TrainConfig, override
+from reproduction.config import DataConfig, RunConfig, override
 from reproduction.data import PackedSet, default_workers, eval_batches, load_stats, train_batches
 from reproduction.errors import UserError, run_cli
 from reproduction import lrn as lrn_op
-from reproduction.evaluate import autocast, evaluate, native_bf16
+from reproduction.evaluate import evaluate
+from reproduction.precision import autocast, native_bf16
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
 from reproduction.runs import device_name
-from reproduction.train import READ_EVERY, step_module, step_seed, train_step
+from reproduction.train import READ_EVERY, step_module, step_seed, synthetic_batch, synthetic_step, train_step
 
 
 def time_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int,
@@ -141,13 +142,6 @@ def rate_text(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
-def synthetic_batch(batch: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-centred-looking pixels (0–255 scale, §2) and random labels; speed does not depend on them."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224, generator=g) * 60
-    return x.to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
-
-
 def step_times(step: Callable[[], object], *, steps: int, warmup: int, device: torch.device) -> list[float]:
     """Seconds per step for `steps` steps after `warmup`, run back to back as training runs them:
     on CUDA from events recorded on the stream between steps, with no wait for the device."""
@@ -225,20 +219,10 @@ def ours_step(variant: str, batch: int, precision: str,
             import triton  # noqa: F401  (the CUDA side of the LRN operator)
         except ImportError:
             raise Unavailable("the CUDA LRN operator needs triton") from None
-    t = override(TrainConfig(), {"precision": precision, "fused_lrn": fast, "fused_sgd": fast,
-                                 "channels_last": fast, "compile": variant == "fast-compiled"})
-    model = AlexNet(devices=(device,))
-    model.set_fused_lrn(t.fused_lrn)
-    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
-                         fused=t.fused_sgd)
-    module = step_module(model, t)
-    x, y = synthetic_batch(batch, 1000, device)
-    if t.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        return train_step(module, optimizer, x, y, n=batch, precision=t.precision, channels_last=t.channels_last)
-    return step, model, optimizer
+    config = override(RunConfig(), {"precision": precision, "fused_lrn": fast, "fused_sgd": fast,
+                                    "channels_last": fast, "compile": variant == "fast-compiled",
+                                    "batch_size": batch})
+    return synthetic_step(config, device)
 
 
 def model_table(results: Sequence[dict]) -> str:

@@ -8,7 +8,6 @@ reflections) averaged.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -22,30 +21,9 @@ from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches
 from reproduction.distributed import Distributed
 from reproduction.errors import UserError, run_cli
+from reproduction.precision import autocast
 from reproduction.runs import (config_of, evaluation_path, load_checkpoint, model_from_checkpoint, open_data,
                                write_json)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for (opt-in, not the paper's arithmetic); else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether the device computes bf16 matrix products natively (CUDA: Ampere or later; CPU:
-    AVX512-BF16 or AMX on x86, the bf16 extension on Arm). Elsewhere bf16 is emulated and
-    slower than fp32, so precision=bf16 is a speed-up only where this is True."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @torch.no_grad()
@@ -117,9 +95,12 @@ def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: 
             "images": seen, "patches": 10 if ten_patch else 1, "models": len(models)}
 
 
-def final_metrics(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataConfig, **kw) -> dict:
-    """Both of the paper's test protocols (Table 1: 10 patches; its footnote: centre only)."""
-    return {"centre": evaluate(model, dataset, stats, config, ten_patch=False, **kw),
+def final_metrics(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataConfig, *,
+                  centre: dict | None = None, **kw) -> dict:
+    """Both of the paper's test protocols (Table 1: 10 patches; its footnote: centre only).
+    centre: the centre-patch result of these same weights on this split, when the caller has it
+    (training's last validation), so it is not computed twice."""
+    return {"centre": centre or evaluate(model, dataset, stats, config, ten_patch=False, **kw),
             "ten_patch": evaluate(model, dataset, stats, config, ten_patch=True, **kw)}
 
 

@@ -366,6 +366,12 @@ class RunFolder:
             write_json(self.path / "config.json", meta)
         return history
 
+    def amend(self, changes: dict) -> None:
+        """config.json with `changes` merged in at the top level (e.g. a plan made once the run
+        has started), written atomically."""
+        if self.writer:
+            write_json(self.path / "config.json", read_json(self.path / "config.json") | changes)
+
     def append(self, row: dict) -> None:
         if self.writer:
             append_metrics(self.path, row)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ from reproduction.config import RunConfig, TrainConfig, override
 from reproduction.data import epoch_order, num_batches, train_batches
 from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
-from reproduction.evaluate import autocast, evaluate, final_metrics
+from reproduction.evaluate import evaluate, final_metrics
+from reproduction.precision import autocast
 from reproduction.experiments import EXPERIMENTS
 from reproduction.model import AlexNet, default_devices
 from reproduction.optim import PaperSGD, fixed_schedule_lr, paper_param_groups, plateau_lr
@@ -59,6 +60,17 @@ class TrainingStopped(UserError, RuntimeError):
     """The guard stopped the run; the message says why and what to try. A run that produced a
     non-finite value ends here, never as a normal result (exit status 1)."""
     exit_code = 1
+
+
+class Plan(Protocol):
+    """A fresh run's length chosen from its own speed (the main job's time budget). After the
+    first step (warm-up: kernel builds, first allocations) `steps` more steps of epoch 1 are
+    timed; `choose(img_per_s, images_done, config)` then returns the config the run goes on with
+    (only `epochs` may differ) and a record that config.json keeps under "plan". The timed steps
+    are training steps of the run. It may raise to stop the run before its first checkpoint."""
+    steps: int
+
+    def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]: ...
 
 
 def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:
@@ -168,7 +180,7 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
           workers: int | None = None, max_epochs: int | None = None,
           command: Sequence[str] | None = None, log: Callable[[str], None] = print,
           replicas: Distributed | None = None, batch_scaling: dict | None = None,
-          init_from: Path | None = None) -> dict:
+          init_from: Path | None = None, plan: Plan | None = None) -> dict:
     """Run (or resume) training into the run folder `out`; returns the final metrics.
 
     max_epochs stops after that many epochs in this process (staged runs); the run folder then
@@ -177,22 +189,25 @@ def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "cu
     replica calls train with the same arguments but its own devices. batch_scaling: the record
     of `scale_batch`, kept in config.json. init_from: a checkpoint (trained or imported) whose
     weights the run starts from, fc8 re-initialised when the class count differs (fine-tuning).
+    plan: choose a fresh run's epochs from its measured speed (`Plan`; one process only).
     """
     replicas = replicas or Distributed()
     with runs.RunFolder(out, writer=replicas.is_main) as folder:  # locked while this process writes it
         return _train(config, Path(data_dir), folder, experiment=experiment, resume=resume, devices=devices,
                       workers=workers, max_epochs=max_epochs, command=command, log=log, replicas=replicas,
-                      batch_scaling=batch_scaling, init_from=init_from)
+                      batch_scaling=batch_scaling, init_from=init_from, plan=plan)
 
 
 def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experiment: str, resume: bool,
            devices: Sequence[torch.device] | None, workers: int | None, max_epochs: int | None,
            command: Sequence[str] | None, log: Callable[[str], None], replicas: Distributed,
-           batch_scaling: dict | None, init_from: Path | None) -> dict:
+           batch_scaling: dict | None, init_from: Path | None, plan: Plan | None) -> dict:
     command = list(sys.argv if command is None else command)
     if not replicas.is_main:
         log = _quiet  # rank 0 alone prints
     t = config.train
+    if plan is not None and (resume or replicas.started):
+        raise ValueError("a plan sizes a fresh run of one process (a resumed run keeps its planned epochs)")
     if t.batch_size < replicas.world:
         raise UserError(f"a global batch of {t.batch_size} cannot be split between {replicas.world} "
                         f"replicas; use --global-batch or fewer processes")
@@ -297,6 +312,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
     # Under torchrun every step: the read is also the reduction in which all ranks learn of a
     # Ctrl-C that reached one of them, and they must stop at the same step.
     read_every = 1 if replicas.started else READ_EVERY
+    last_val = None
     with Interrupt() as interrupt:
         while position["epoch"] < last_epoch:
             epoch = position["epoch"]
@@ -305,6 +321,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                 group["lr"] = lr  # a drop leaves the velocity at its old scale (§5's form)
             model.train()
             sums, start, last_print = position["sums"], time.time(), time.time()
+            probe = (time.perf_counter(), 0)  # a plan's clock; restarted after the warm-up step
             images_this_run = 0
             batches = train_batches(train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed,
                                     epoch=epoch, device=home, start_batch=position["batch"], workers=workers,
@@ -321,6 +338,17 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                 pending.append((loss, errors, n))
                 position = {"epoch": epoch, "batch": k + 1, "step": position["step"] + 1, "sums": sums}
                 images_this_run += n
+                if plan is not None and (position["step"] in (1, 1 + plan.steps) or k + 1 == batches_per_epoch):
+                    loss.item()  # the step is done (a GPU's queue drained) before the clock is read
+                    if position["step"] == 1 and k + 1 < batches_per_epoch:
+                        probe = (time.perf_counter(), images_this_run)  # after the warm-up step
+                    else:
+                        began, before = probe  # (an epoch of one batch: timed from the epoch's start)
+                        rate = (images_this_run - before) / (time.perf_counter() - began)
+                        config, record = plan.choose(rate, images_this_run, config)
+                        t, plan = config.train, None
+                        last_epoch = t.epochs if max_epochs is None else min(t.epochs, max_epochs)
+                        folder.amend({"plan": record, "config": runs.config_dict(config)})
                 if not (position["step"] % read_every == 0 or k + 1 == batches_per_epoch or interrupt.requested):
                     continue
                 stop = _read_back(pending, sums, guard, replicas, position["step"], lr, interrupt.requested)
@@ -342,7 +370,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                         f"{launcher} reproduction.train --resume --out {out}")
                     raise KeyboardInterrupt
             seconds = sums["seconds"] + time.time() - start
-            val = evaluate(model, val_set, stats, config.data, ten_patch=False, **eval_kw)
+            val = last_val = evaluate(model, val_set, stats, config.data, ten_patch=False, **eval_kw)
             if not (math.isfinite(val["loss"]) and math.isfinite(sums["loss"])):
                 raise TrainingStopped(f"epoch {epoch + 1} (ε = {lr:g}) produced a non-finite "
                                       f"{'validation loss' if math.isfinite(sums['loss']) else 'training loss'}: "
@@ -364,7 +392,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                                          "classes": [c["id"] for c in train_set.classes]})
     if position["epoch"] < t.epochs:
         return {"stopped_at_epoch": position["epoch"]}
-    final = final_metrics(model, val_set, stats, config.data, **eval_kw)
+    # The last epoch's validation in this process is the centre protocol of these weights.
+    final = final_metrics(model, val_set, stats, config.data, centre=last_val, **eval_kw)
     if not all(math.isfinite(final[p]["loss"]) for p in ("centre", "ten_patch")):
         raise TrainingStopped(f"the final evaluation produced a non-finite loss; no final.json is written. "
                               f"{guard.checkpoint_note}.")
@@ -425,6 +454,32 @@ def train_step(model: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimiz
     loss.backward()
     optimizer.step()
     return loss.detach(), (logits.argmax(1) != y).sum()
+
+
+def synthetic_batch(batch: int, classes: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Mean-centred-looking pixels (0–255 scale, §2) and random labels; speed does not depend on them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=g) * 60
+    return x.to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+def synthetic_step(config: RunConfig, device: torch.device | str) -> tuple[Callable[[], tuple], AlexNet, PaperSGD]:
+    """`train_step` of `config`'s net, recipe and speed flags on one fixed synthetic batch of
+    its batch size (a fresh net, not a run's): what `bench model` and the main job's choice of
+    precision time. Returns the step, the net and its optimiser."""
+    t = config.train
+    model = AlexNet(config.model, devices=(device,))
+    model.set_fused_lrn(t.fused_lrn)
+    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+                         fused=t.fused_sgd)
+    module = step_module(model, t)
+    x, y = synthetic_batch(t.batch_size, config.model.num_classes, device)
+    if t.channels_last:  # as the loader delivers it
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        return train_step(module, optimizer, x, y, n=len(y), precision=t.precision, channels_last=t.channels_last)
+    return step, model, optimizer
 
 
 def _read_back(pending: list[tuple[Tensor, Tensor, int]], sums: dict, guard: Guard, replicas: Distributed,

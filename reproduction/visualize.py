@@ -42,7 +42,7 @@ from reproduction.data import (
     view_batch,
 )
 from reproduction.errors import UserError, run_cli
-from reproduction.evaluate import autocast
+from reproduction.precision import autocast
 from reproduction.runs import (CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint, open_data,
                                write_json)
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 import reproduction.__main__ as main_job
+from reproduction.config import override
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT.parent / "shared" / "data" / "tiny-imagenet-200"
@@ -65,12 +67,60 @@ def test_default_folders_are_ignored_by_git():
     assert main_job.REPO / "runs" == ROOT / "runs"
 
 
-def test_recipe_is_stated_and_bf16_only_where_native(monkeypatch):
-    import reproduction.evaluate as evaluate
-    monkeypatch.setattr(evaluate, "native_bf16", lambda device: False)
+def test_recipe_is_stated_and_shrinks_by_a_fraction():
     options, name, changes = main_job.recipe(False, "tiny-imagenet")
     assert options == ["--classes", "10", "--limit-per-class", "500", "--val-limit-per-class", "50"]
-    assert name == "tiny-imagenet-10x500" and "precision" not in changes
-    monkeypatch.setattr(evaluate, "native_bf16", lambda device: True)
-    assert main_job.recipe(False, "tiny-imagenet")[2]["precision"] == "bf16"
+    assert name == "tiny-imagenet-10x500" and "precision" not in changes  # measured, not assumed
+    assert main_job.recipe(False, "tiny-imagenet", 0.5)[0][-4:] == ["--limit-per-class", "250",
+                                                                    "--val-limit-per-class", "25"]
+    assert main_job.recipe(False, "tiny-imagenet", 0.01)[1] == "tiny-imagenet-10x20"  # never below 20 / 10
     assert main_job.recipe(True, "tiny-imagenet")[1] == "tiny-imagenet-200"
+    assert main_job.recipe(True, "tiny-imagenet", 0.1)[1] == "tiny-imagenet-200x50"
+
+
+def budget(**kw):
+    base = dict(seconds=600.0, began=time.time() - 20, train_images=5000, val_images=500,
+                choices={"precision": "fp32: test"})
+    return main_job.Budget(**{**base, **kw})
+
+
+PLANNED = main_job.EXPERIMENTS["paper"]
+
+
+@pytest.mark.parametrize("rate,epochs", [(90.0, 6), (23.3, 2), (14.0, 1)])
+def test_the_budget_keeps_the_epochs_that_fit(rate, epochs, capsys):
+    """At AMX's speed the recipe's 6 epochs fit 10 minutes; at the AVX2 EPYC's 23 img/s, 2."""
+    b = budget()
+    config, record = b.choose(rate, 224, override(PLANNED, {"epochs": 6}))
+    assert config.train.epochs == record["epochs"] == epochs
+    assert b.estimate(epochs, rate, 224) <= 600 < (b.estimate(epochs + 1, rate, 224) if epochs < 6 else 601)
+    assert record["eta_minutes"] <= 10 and record["choices"]["precision"] == "fp32: test"
+    assert f"plan: {epochs} of the recipe's 6 epochs" in capsys.readouterr().out
+
+
+def test_the_budget_shrinks_the_images_where_one_epoch_does_not_fit(capsys):
+    with pytest.raises(main_job.TooSlow) as stop:
+        budget().choose(5.0, 35, override(PLANNED, {"epochs": 6}))
+    assert 0 < stop.value.fraction < 0.5
+    # Once shrunk it trains one epoch even over the budget, and says so.
+    config, record = budget(may_shrink=False).choose(5.0, 35, override(PLANNED, {"epochs": 6}))
+    assert config.train.epochs == 1 and "over the 10 min budget" in record["choices"]["epochs"]
+
+
+def test_precision_is_measured_only_where_bf16_is_native(monkeypatch):
+    import reproduction.precision as precision
+    built = []
+
+    def step(seconds):
+        def make(p):
+            built.append(p)
+            return lambda: time.sleep(seconds[p])
+        return make
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    chosen, why = precision.choose_precision("cpu", step({}))
+    assert chosen == "fp32" and built == [] and "emulated" in why and "not measured" in why
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    chosen, why = precision.choose_precision("cpu", step({"fp32": 0.03, "bf16": 0.01}))
+    assert chosen == "bf16" and built == ["fp32", "bf16"] and "measured one step at fp32" in why
+    chosen, why = precision.choose_precision("cpu", step({"fp32": 0.02, "bf16": 0.02}))
+    assert chosen == "fp32" and "under the 1.1x" in why

@@ -304,3 +304,51 @@ def test_fashion_mnist_experiment_on_real_images(shared_data, tmp_path):
     assert meta["config"]["model"]["init_bias"] == 0.1  # the experiment's stated change
     final = json.loads((out / "final.json").read_text())
     assert final["centre"]["images"] == 10 and 0 <= final["ten_patch"]["top1_error"] <= 1
+
+
+class FixedPlan:
+    """A train.Plan that keeps `epochs` and records what it was shown."""
+    steps = 2
+
+    def __init__(self, epochs):
+        self.epochs, self.calls = epochs, []
+
+    def choose(self, img_per_s, images_done, config):
+        self.calls.append((img_per_s, images_done, config.train.epochs))
+        return override(config, {"epochs": self.epochs}), {"epochs": self.epochs, "why": "test"}
+
+
+def test_a_plan_chooses_the_epochs_after_its_timed_steps(tiny_set, tmp_path):
+    """After the warm-up step and `steps` timed steps (training steps of the run) the plan sets
+    the epochs; config.json records the plan and the resolved config, and a checkpoint's
+    config has the planned epochs (what a resume goes on with)."""
+    plan = FixedPlan(1)
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=plan)
+    [(rate, done, recipe_epochs)] = plan.calls
+    assert rate > 0 and done == 3 * 4 and recipe_epochs == 3  # steps 1 (warm-up) + 2 timed, batch 4
+    assert final["epochs"] == 1 and final["steps"] == 4
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["plan"] == {"epochs": 1, "why": "test"} and meta["config"]["train"]["epochs"] == 1
+    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 1
+    assert len(runs.read_metrics(tmp_path / "run")) == 1
+
+
+def test_a_plan_on_an_epoch_shorter_than_its_steps_decides_at_the_epoch_end(tiny_set, tmp_path):
+    plan = FixedPlan(2)
+    plan.steps = 50
+    run(tiny_set, tmp_path / "run", plan=plan)
+    assert [done for _, done, _ in plan.calls] == [14]  # the whole first epoch, then the choice
+
+
+def test_a_plan_that_raises_stops_the_run_before_any_checkpoint(tiny_set, tmp_path):
+    class Stop(Exception):
+        pass
+
+    class Raising(FixedPlan):
+        def choose(self, *a):
+            raise Stop
+    with pytest.raises(Stop):
+        run(tiny_set, tmp_path / "run", plan=Raising(1))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
+    with pytest.raises(ValueError, match="fresh run"):
+        run(tiny_set, tmp_path / "other", plan=FixedPlan(1), resume=True)
