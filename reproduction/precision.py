@@ -47,23 +47,27 @@ def choose_precision(device: torch.device | str, step: Callable[[str], Callable[
     Without native bf16 the answer is fp32 with no measurement (an emulated bf16 step takes tens
     of seconds on a CPU). With it, `step(precision)` builds a step function (a throwaway net on
     a synthetic batch) and bf16 is chosen only if its median step is `margin` times faster than
-    fp32's, each after one untimed warm-up step."""
+    fp32's, each after one untimed warm-up step (a bf16 warm-up over 3x fp32's step is taken as
+    its time: an emulated bf16 step is not run again)."""
     device = torch.device(device)
     if not native_bf16(device):
         where = "this CPU's flags show no AVX512-BF16 or AMX" if device.type == "cpu" else "this GPU has no bf16 units"
         return "fp32", f"fp32: {where}, so bf16 would be emulated and slower (not measured)"
+    def timed_step(run) -> float:
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
     seconds = {}
     for precision in ("fp32", "bf16"):
         run = step(precision)
-        run()  # warm-up: kernel selection, first allocations
-        times = []
-        for _ in range(timed):
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        seconds[precision] = statistics.median(times)
+        warm = timed_step(run)  # warm-up: kernel selection, first allocations
+        if precision == "bf16" and warm > 3 * seconds["fp32"]:
+            seconds[precision] = warm  # even with its one-off costs: slow enough to say so now
+        else:
+            seconds[precision] = statistics.median(timed_step(run) for _ in range(timed))
         del run
     speedup = seconds["fp32"] / seconds["bf16"]
     measured = (f"measured one step at fp32 {1000 * seconds['fp32']:.0f} ms, bf16 {1000 * seconds['bf16']:.0f} ms "

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from reproduction import runs
+from reproduction import kernels, runs
 from reproduction.config import RunConfig, TrainConfig, override
-from reproduction.data import epoch_order, num_batches, train_batches
+from reproduction.data import default_workers, epoch_order, num_batches, train_batches
 from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import evaluate, final_metrics
@@ -175,6 +175,31 @@ def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
     return tuple(devices)
 
 
+def automatic_choices(*, devices_given: bool, workers: int | None, devices: Sequence[torch.device],
+                      config: RunConfig) -> list[str]:
+    """What this run chose by itself for this machine, each with its reason (printed, and kept in
+    config.json): the devices, the loader's threads, the step's threads, the CPU kernels."""
+    home, cores = devices[0], os.cpu_count() or 1
+    said = []
+    if not devices_given:
+        gpus = torch.cuda.device_count()
+        why = ("no CUDA device visible" if not gpus else "two GPUs visible, one per tower" if len(devices) == 2
+               else "one tower" if config.model.towers == 1 else f"{gpus} GPU visible: both towers on it")
+        said.append(f"devices {','.join(map(str, devices))} ({why}; --devices chooses)")
+    if workers is None:
+        rule = ("one per 4 cores, at least 1: the step's own threads need the rest" if home.type == "cpu"
+                else "one per core, at most 8")
+        said.append(f"{default_workers(home)} loader thread(s) of {cores} cores ({rule}; --workers chooses)")
+    if home.type == "cpu":
+        said.append(f"{torch.get_num_threads()} compute threads (torch's default, one per core)")
+        t = config.train
+        if t.fused_lrn or t.fused_sgd:
+            said.append("the C kernels for the LRN and the update " + (
+                "built with -march=native" if kernels.library() else
+                "could not be built: plain PyTorch, the same formulas (see the warning above)"))
+    return said
+
+
 def train(config: RunConfig, data_dir: Path, out: Path, *, experiment: str = "custom",
           resume: bool = False, devices: Sequence[torch.device] | None = None,
           workers: int | None = None, max_epochs: int | None = None,
@@ -223,7 +248,7 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
         raise UserError(f"num_classes={config.model.num_classes} but {data_dir} has {classes} classes")
     config = override(config, {"num_classes": classes})  # fc8's width follows the data
     identity = runs.data_identity(data_dir, train_set, val_set)
-    devices = tuple(devices or parse_devices(None, config.model.towers))
+    devices_arg, devices = devices, tuple(devices or parse_devices(None, config.model.towers))
     home = devices[0]  # batches arrive on tower A's device; conv1 hands them to each tower
     lrn_operator = t.fused_lrn
     if t.deterministic:  # process-wide; before the first cuBLAS call (the model's fc6 on CUDA)
@@ -268,6 +293,11 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                                      batch_scaling=batch_scaling, init_from=init_from))
     for note in folder.notes:
         log(note)
+    automatic = automatic_choices(devices_given=bool(devices_arg), workers=workers, devices=devices, config=config)
+    if automatic:
+        log("chosen for this machine: " + "; ".join(automatic))
+        if not resume:
+            folder.amend({"automatic": automatic})
     if resume:
         log(f"resumed {out} at {position_text(position)}")
     step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
@@ -605,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="a folder prepared by python -m data_prep")
     parser.add_argument("--out", type=Path, help="the run folder (default: runs/<experiment>/seed<seed>)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. --set epochs=30 lr=0.005 schedule=fixed drop_epochs=(10,20)")
+                        help="config overrides, e.g. --set epochs=30 lr=0.005 schedule=fixed drop_epochs=10,20")
     parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="fine-tune: start from this checkpoint (ours, or one made by reproduction.caffe); "
                              "its architecture and input pipeline are kept, fc8 is re-initialised for the "

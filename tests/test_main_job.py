@@ -124,3 +124,17 @@ def test_precision_is_measured_only_where_bf16_is_native(monkeypatch):
     assert chosen == "bf16" and built == ["fp32", "bf16"] and "measured one step at fp32" in why
     chosen, why = precision.choose_precision("cpu", step({"fp32": 0.02, "bf16": 0.02}))
     assert chosen == "fp32" and "under the 1.1x" in why
+
+
+def test_an_emulated_bf16_step_is_run_once_not_timed_again(monkeypatch):
+    import reproduction.precision as precision
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    calls = {"fp32": 0, "bf16": 0}
+
+    def make(p):
+        def run():
+            calls[p] += 1
+            time.sleep(0.01 if p == "fp32" else 0.1)  # bf16 10x slower: a CPU that only emulates it
+        return run
+    chosen, why = precision.choose_precision("cpu", make)
+    assert chosen == "fp32" and calls == {"fp32": 3, "bf16": 1} and "under the 1.1x" in why
