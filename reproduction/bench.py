@@ -4,8 +4,8 @@ with its `add_<name>_arguments`). results/benchmarks.md holds the commands and m
     python -m reproduction.bench data  --data DIR [--device cpu|cuda] [--batch-size 128] [--batches 20]
     python -m reproduction.bench model [--device cuda|cpu] [--batch-sizes 128 512] [--precisions fp32 bf16]
                                        [--steps 30] [--warmup 5] [--variants ...] [--profile]
-    python -m reproduction.bench train --data DIR [--device cuda|cpu] [--batch-size 128] [--batches 30] [--set k=v ...]
-    python -m reproduction.bench eval  --data DIR [--device cuda|cpu] [--batch-size 128] [--ten-patch] [--set k=v ...]
+    python -m reproduction.bench train --data DIR [--device cuda|cpu] [--batch-size 128] [--batches 30] [--set k=v ...] [--json FILE]
+    python -m reproduction.bench eval  --data DIR [--device cuda|cpu] [--batch-size 128] [--ten-patch] [--set k=v ...] [--json FILE]
 
 `data`: delivered training batches (read + decode + §4.1 augmentation, ready on the device) and
 centre-patch and ten-patch eval throughput, from a packed set written by data_prep/.
@@ -22,6 +22,7 @@ import argparse
 import datetime
 import gc
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -33,7 +34,7 @@ import torchvision
 from torch import nn
 
 from reproduction.config import DataConfig, RunConfig, override
-from reproduction.data import PackedSet, default_workers, eval_batches, load_stats, train_batches
+from reproduction.data import PackedSet, decoder, default_workers, eval_batches, load_stats, train_batches
 from reproduction.errors import UserError, run_cli
 from reproduction import lrn as lrn_op
 from reproduction.evaluate import evaluate
@@ -395,10 +396,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 # -------------------------------------------------------------------- train: loader and step
 
+def record(path: str | None, row: dict) -> None:
+    """Append one measured row as a JSON line to `path` (--json), at once: a run stopped at its
+    deadline keeps every row it had measured (reproduction/gpu.py's check collects them)."""
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def bench_train(args: argparse.Namespace) -> int:
     """End-to-end training throughput on real packed JPEGs: the loader (data.train_batches)
     feeding the training step (train.train_step), beside the step alone on one resident batch
-    (model-only) and the loader alone (the decode ceiling), at the same settings."""
+    (model-only) and the loader alone (the decode ceiling), at the same settings. Each row is
+    printed (and written to --json) as soon as it is measured."""
     device = open_device(args.device)
     train_set, stats = PackedSet(args.data, "train"), load_stats(args.data)
     config = override(RunConfig(), args.set)
@@ -415,10 +425,10 @@ def bench_train(args: argparse.Namespace) -> int:
     module = step_module(model, t)
     workers = default_workers(device) if args.workers is None else args.workers
 
-    def loader() -> Iterator:  # passes over the set, as many as it takes
+    def loader() -> Iterator:  # passes over the set, as many as it takes, laid out as train() asks
         return itertools.chain.from_iterable(train_batches(
             train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed, epoch=e, device=device,
-            workers=workers) for e in itertools.count())
+            workers=workers, channels_last=t.channels_last) for e in itertools.count())
 
     def steps(batches: Iterator) -> dict:
         """The loop's work per batch: dropout seed, train_step, a read-back every READ_EVERY steps."""
@@ -437,23 +447,35 @@ def bench_train(args: argparse.Namespace) -> int:
         sync(device)
         return {"images": images, "seconds": time.perf_counter() - start}
 
-    decode = time_batches(loader(), args.batches, device)  # first: it also warms the page cache
-    resident = next(loader())
-    alone = steps(itertools.repeat(resident))
-    both = steps(loader())
-    rates = {"loader only (read, decode, augment: the ceiling)": decode["images"] / decode["seconds"],
-             "model only (train_step on one resident batch)": alone["images"] / alone["seconds"],
-             "end to end (loader → train_step)": both["images"] / both["seconds"]}
-    model_only = rates["model only (train_step on one resident batch)"]
+    settings = {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
+                "fused_lrn": t.fused_lrn, "batch": t.batch_size, "workers": workers}
     print("\n".join(machine_lines(device)))
     print(f"data: {train_set}; batch {t.batch_size}, {workers} loader threads; {args.batches} timed batches "
           f"after {args.warmup} warm-up")
     print(f"train: precision={t.precision} channels_last={t.channels_last} compile={t.compile} "
           f"fused_lrn={t.fused_lrn}; {config.data}")
     print()
+    # Each measurement is printed (and recorded) when it ends, the table with the ratios last.
+    # The loader alone first: it also warms the page cache for the end-to-end run.
+    measurements = [
+        ("loader only (read, decode, augment: the ceiling)", lambda: time_batches(loader(), args.batches, device)),
+        ("model only (train_step on one resident batch)", lambda: steps(itertools.repeat(next(loader())))),
+        ("end to end (loader → train_step)", lambda: steps(loader()))]
+    rates = {}
+    for name, measure in measurements:
+        r = measure()
+        rates[name] = r["images"] / r["seconds"]
+        print(f"{name}: {rate_text(rates[name])} img/s ({r['images']} images in {r['seconds']:.2f} s)", flush=True)
+        record(args.json, {"bench": "train", "measurement": name, "img_s": round(rates[name], 1),
+                           "images": r["images"], "seconds": round(r["seconds"], 3), "device": device_name(device),
+                           "torch": torch.__version__, "decoder": decoder(device), **settings})
+    model_only = rates["model only (train_step on one resident batch)"]
+    ratio = rates["end to end (loader → train_step)"] / model_only
+    record(args.json, {"bench": "train", "measurement": "end to end / model only", "ratio": round(ratio, 3), **settings})
+    print()
     print(markdown(["measurement", "img/s", "vs model only"],
                    [[name, rate_text(rate), f"{rate / model_only:.2f}×"] for name, rate in rates.items()]))
-    print(f"\nend to end / model only = {rates['end to end (loader → train_step)'] / model_only:.2f}")
+    print(f"\nend to end / model only = {ratio:.2f}; decoder: {decoder(device)}")
     return 0
 
 
@@ -467,6 +489,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="RunConfig overrides, e.g. --set precision=bf16 channels_last=True compile=True "
                         "fused_lrn=True")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also append each measured row to FILE as a JSON line, as soon as it is measured")
 
 
 # --------------------------------------------------------------------------- eval: evaluation
@@ -488,6 +512,13 @@ def bench_eval(args: argparse.Namespace) -> int:
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     views = 10 if args.ten_patch else 1
+    protocol = "ten patches, softmax averaged" if args.ten_patch else "centre patch"
+    print("\n".join(machine_lines(device)))
+    print(f"data: {split}, {len(dataset)} images; batch {args.batch_size} images; precision={t.precision} "
+          f"channels_last={t.channels_last} fused_lrn={t.fused_lrn}"
+          + ("; compile is not used by evaluation" if t.compile else ""))
+    print()
+    print(markdown(["protocol", "images", "seconds", "img/s", "patches/s", "50,000 images"], []), flush=True)
     # Warm-up in what evaluate feeds the net (its layout, the full and the partial batch's
     # shape), so cuDNN's per-shape autotuning and the LRN kernels' first build are not timed.
     memory = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -502,14 +533,14 @@ def bench_eval(args: argparse.Namespace) -> int:
     sync(device)
     seconds = time.perf_counter() - start
     rate = result["images"] / seconds
-    print("\n".join(machine_lines(device)))
-    print(f"data: {split}, {len(dataset)} images; batch {args.batch_size} images; precision={t.precision} "
-          f"channels_last={t.channels_last} fused_lrn={t.fused_lrn}"
-          + ("; compile is not used by evaluation" if t.compile else ""))
-    print()
-    print(markdown(["protocol", "images", "seconds", "img/s", "patches/s", "50,000 images"],
-                   [["ten patches, softmax averaged" if args.ten_patch else "centre patch", result["images"],
-                     f"{seconds:.2f}", rate_text(rate), rate_text(rate * views), f"{50_000 / rate:,.0f} s"]]))
+    print(f"| {protocol} | {result['images']} | {seconds:.2f} | {rate_text(rate)} | {rate_text(rate * views)} "
+          f"| {50_000 / rate:,.0f} s |", flush=True)
+    record(args.json, {"bench": "eval", "protocol": protocol, "images": result["images"],
+                       "seconds": round(seconds, 3), "img_s": round(rate, 1), "patches_s": round(rate * views, 1),
+                       "projected_50000_s": round(50_000 / rate, 1), "batch": args.batch_size,
+                       "precision": t.precision, "channels_last": t.channels_last, "fused_lrn": t.fused_lrn,
+                       "device": device_name(device), "torch": torch.__version__, "decoder": decoder(device)})
+    print(f"\ndecoder: {decoder(device)}")
     return 0
 
 
@@ -522,6 +553,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="loader threads (default: one per core, at most 8, for a GPU; one per 4 cores beside a CPU step)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="RunConfig overrides, e.g. --set precision=bf16 channels_last=True fused_lrn=True")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also append each measured row to FILE as a JSON line, as soon as it is measured")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,9 @@ CPU path: worker threads read, decode (torchvision.io.decode_jpeg) and augment w
 CUDA path: worker threads read the bytes; the main thread decodes the batch with nvJPEG
 (`decode_jpeg(list, device="cuda")`) and augments it with batched tensor ops on a side stream, so
 the work for batch k+1 overlaps the training step queued on batch k.
+If nvJPEG fails to start (any status torchvision does not handle itself), the CUDA path decodes
+on the CPU and copies the batch to the device from then on, and says so once on stderr
+(`decoder(device)` names the decoder in use).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -355,8 +359,40 @@ def _check_args(dataset: PackedSet, batch_size: int, workers: int | None, **keys
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+_CPU_DECODE: dict[torch.device, str] = {}  # CUDA devices whose nvJPEG failed: why (see _decode)
+
+
+def decoder(device: str | torch.device) -> str:
+    """Which decoder this process's batches for `device` use: for bench headers and records."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "CPU (libjpeg-turbo)"
+    why = _CPU_DECODE.get(device)
+    return "nvJPEG" if why is None else f"CPU + copy (nvJPEG failed: {why})"
+
+
 def _decode(data: list[Tensor], idx: Tensor, size: int, device: torch.device) -> Tensor:
-    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if device.type != "cpu":
+        if device not in _CPU_DECODE:
+            try:
+                return _stacked(decode_jpeg(data, mode=ImageReadMode.RGB, device=device), idx, size)
+            except RuntimeError as e:
+                # torchvision leaves the hardware decoder for the default one only on status
+                # ARCH_MISMATCH; any other status at nvJPEG's start (a library it cannot load, no
+                # free engine) raises, and every loader would die with it. The same bytes decoded
+                # on the CPU tell the cases apart: a corrupt image fails there too, with its error.
+                images = _decode(data, idx, size, torch.device("cpu"))
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                _CPU_DECODE[device] = why
+                print(f"warning: nvJPEG failed on {device} ({why}); decoding on the CPU and copying "
+                      "each batch to the device from now on (slower: loader numbers are not nvJPEG's)",
+                      file=sys.stderr, flush=True)
+                return images.to(device)
+        return _decode(data, idx, size, torch.device("cpu")).to(device)
+    return _stacked(decode_jpeg(data, mode=ImageReadMode.RGB), idx, size)
+
+
+def _stacked(images: list[Tensor], idx: Tensor, size: int) -> Tensor:
     for i, image in zip(idx.tolist(), images):
         if image.shape != (3, size, size):
             raise ValueError(f"image {i} decodes to {tuple(image.shape)}, not the manifest's "

@@ -7,12 +7,17 @@ folders travel, so everything a call needs is built beforehand on a CPU machine:
     python -m reproduction.gpu ablations --seed 0 # on the GPU: five §4.1/§3 ablations, one seed
     python -m reproduction.gpu collect DIR        # CPU, after: the returned runs into results/
 
-Each stage is a list of parts; each part is a subprocess under its own deadline (never longer
-than what is left of the stage's), so one failing or hanging part never stops the next.
-Everything every part prints is teed to $OUT/<stage>.log (OUT from the environment, as the
-device machine sets it, or --out), and a summary table is printed last and written to
-$OUT/<stage>-summary.md. --dry-run (CPU, seconds) runs the same orchestration with tiny
-stand-ins for the GPU parts and prints the same table (tests/test_gpu_stages.py).
+Each stage is a list of parts; each part is a subprocess under its own deadline, so one failing
+or hanging part never stops the next. The deadlines sum to the stage's budget (BUDGET), and the
+slow parts (those with a torch.compile) come last; a part that ends early passes its unused
+seconds on to the parts after it. Before anything runs, the stage prints that arithmetic and
+refuses to start (`error: ...`) if the deadlines exceed the budget or the worst case exceeds
+CALL_SECONDS. Everything every part prints is teed to $OUT/<stage>.log (OUT from the
+environment, as the device machine sets it, or --out); $OUT/<stage>.jsonl gets one JSON line per
+measured bench row as it is measured and one per part as it ends (killed or not: status,
+seconds, its last lines, its rows, a run's final.json); the summary table is printed last and
+written to $OUT/<stage>-summary.md. --dry-run (CPU, seconds) runs the same orchestration with tiny
+stand-ins for the GPU parts and prints the same arithmetic and table (tests/test_gpu_stages.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,6 +64,12 @@ def recipe(epochs: int = EPOCHS) -> list[str]:
 RECIPE = recipe()
 BUDGET = {"prepare": 900.0, "check": 470.0, "ablations": 480.0}  # each stage's wall-time deadline
 GRACE = 30.0  # seconds a part gets after SIGTERM (train.py checkpoints on it) before SIGKILL
+DRAIN = 10.0  # seconds a finished part's output may take to reach the log
+# The run tool's timeout_s for one GPU stage (a command may run 600 s): a stage's worst case,
+# its budget + the last part's GRACE + DRAIN, must end inside it, or the summary is lost.
+CALL_SECONDS = 560.0
+PACKING = 20.0  # seconds ablations keeps free for packing its five runs (outside the deadlines)
+TAIL = 12  # lines of a part's output kept in its JSON record
 
 
 @dataclass
@@ -71,15 +83,41 @@ class Part:
     env: dict = field(default_factory=dict)
     after: Callable[[], str] | None = None
     note: Callable[[], str] | None = None
+    record: Callable[[], dict] | None = None  # more for the part's JSON line (a run's final.json)
+
+
+def arithmetic(stage: str, parts: Sequence[Part], budget: float, *, gpu: bool,
+               reserved: float = 0.0) -> list[str]:
+    """The stage's budget arithmetic as printed lines; UserError if the parts' deadlines (plus
+    `reserved` seconds of work between parts) exceed the budget or, for a GPU stage, the worst
+    case (budget + the last part's SIGTERM grace + DRAIN) exceeds CALL_SECONDS."""
+    total = sum(p.seconds for p in parts) + reserved
+    terms = " + ".join(f"{p.name} {p.seconds:.0f}" for p in parts) + (f" + packing {reserved:.0f}" if reserved else "")
+    lines = [f"budget: {terms} = {total:.0f} s of {budget:.0f} s"]
+    if total > budget + 1e-6:
+        raise UserError(f"{stage}: the parts' deadlines sum to {total:.0f} s, over the stage's {budget:.0f} s "
+                        f"budget (reproduction/gpu.py, BUDGET[{stage!r}] and {stage}'s parts); shorten a part's "
+                        "deadline or raise the budget")
+    if gpu:
+        worst = budget + GRACE + DRAIN
+        lines.append(f"worst case: {budget:.0f} s + {GRACE:.0f} s SIGTERM grace of the last part + {DRAIN:.0f} s "
+                     f"output drain = {worst:.0f} s of the call's {CALL_SECONDS:.0f} s (run tool timeout_s)")
+        if worst > CALL_SECONDS:
+            raise UserError(f"{stage}: its worst case, {worst:.0f} s, exceeds the call's {CALL_SECONDS:.0f} s "
+                            f"(reproduction/gpu.py, BUDGET[{stage!r}], GRACE, CALL_SECONDS); lower the budget")
+    return lines
 
 
 def run_parts(stage: str, parts: Sequence[Part], out: Path, budget: float, *, dry_run: bool = False,
-              header: Sequence[str] = ()) -> list[dict]:
-    """Run `parts` in order, each under min(its deadline, what is left of `budget`), teeing
-    their output to stdout and out/<stage>.log; print the summary table last and write it to
+              header: Sequence[str] = (), reserved: float = 0.0) -> list[dict]:
+    """Run `parts` in order, teeing their output to stdout and out/<stage>.log. A part's limit
+    is its deadline plus what the parts before it left unused, while the later parts' deadlines
+    and `reserved` (packing) stay reserved (never more than what is left of `budget`). After each part, one JSON line
+    goes to out/<stage>.jsonl. Prints the summary table last and writes it to
     out/<stage>-summary.md. Returns one row per part."""
     out.mkdir(parents=True, exist_ok=True)
     log_path, start, rows = out / f"{stage}.log", time.monotonic(), []
+    jsonl = out / f"{stage}.jsonl"
     with open(log_path, "a", encoding="utf-8") as log:
         def say(text: str) -> None:
             sys.stdout.write(text)
@@ -89,24 +127,37 @@ def run_parts(stage: str, parts: Sequence[Part], out: Path, budget: float, *, dr
 
         say(f"=== {stage}{' (dry run)' if dry_run else ''}: {len(parts)} parts, deadline {budget:.0f} s, "
             f"{_now()} ===\n" + "".join(f"{line}\n" for line in header))
-        for part in parts:
+        for i, part in enumerate(parts):
             left = budget - (time.monotonic() - start)
             if left < 5:
                 rows.append({"part": part.name, "status": "skipped (no time left)", "seconds": 0.0, "note": ""})
                 say(f"--- {part.name}: skipped, {left:.0f} s of the stage left\n")
+                _append(jsonl, {"part": part.name, "stage": stage, "status": rows[-1]["status"], "seconds": 0.0,
+                                "deadline": part.seconds, "limit": 0.0, "dry_run": dry_run})
                 continue
-            limit = min(part.seconds, left)
+            later = sum(p.seconds for p in parts[i + 1:]) + reserved
+            limit = min(left, max(part.seconds, left - later))
             say(f"--- {part.name} (deadline {limit:.0f} s): {_shown(part.command)}\n")
+            offset = jsonl.stat().st_size if jsonl.exists() else 0
             status, seconds, tail = _run_one(part, limit, say)
             note = ""
             if part.note is not None and status == "ok":
                 note = _safely(part.note)
             else:  # the last line it printed: an error, or a table's last row
-                note = tail
+                note = tail[-1] if tail else ""
             if part.after is not None:
                 extra = _safely(part.after)
                 note = f"{note}; {extra}" if note and extra else note or extra
             rows.append({"part": part.name, "status": status, "seconds": round(seconds, 1), "note": note})
+            entry = {"part": part.name, "stage": stage, "status": status, "seconds": round(seconds, 1),
+                     "deadline": part.seconds, "limit": round(limit, 1), "note": note, "command": _shown(part.command),
+                     "tail": tail, "rows": _rows_since(jsonl, offset), "dry_run": dry_run}
+            if part.record is not None:
+                try:
+                    entry.update(part.record())
+                except Exception as e:  # a run killed before its final.json: say so, keep the rest
+                    entry["record_error"] = f"{type(e).__name__}: {e}"
+            _append(jsonl, entry)
             say(f"--- {part.name}: {status} in {seconds:.1f} s\n")
         table = summary(stage, rows, budget, time.monotonic() - start, dry_run)
         say("\n" + table)
@@ -114,10 +165,30 @@ def run_parts(stage: str, parts: Sequence[Part], out: Path, budget: float, *, dr
     return rows
 
 
-def _run_one(part: Part, limit: float, say: Callable[[str], None]) -> tuple[str, float, str]:
-    """(status, seconds, last line printed) of one part, killed (its own process group) at
-    its deadline: SIGTERM first, SIGKILL after GRACE seconds."""
-    start, last = time.monotonic(), [""]
+def _append(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:  # one line per write: a kill later loses none of it
+        f.write(json.dumps(entry) + "\n")
+
+
+def _rows_since(path: Path, offset: int) -> list[dict]:
+    """The JSON lines a part's command appended to `path` (bench --json rows) after `offset`."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        f.seek(offset)
+        rows = []
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+    return rows
+
+
+def _run_one(part: Part, limit: float, say: Callable[[str], None]) -> tuple[str, float, list[str]]:
+    """(status, seconds, its last TAIL non-empty lines) of one part, killed (its own process
+    group) at its deadline: SIGTERM first, SIGKILL after GRACE seconds."""
+    start, last = time.monotonic(), deque(maxlen=TAIL)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **part.env}
     try:
         proc = subprocess.Popen(part.command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -125,13 +196,13 @@ def _run_one(part: Part, limit: float, say: Callable[[str], None]) -> tuple[str,
                                 start_new_session=True)
     except OSError as e:
         say(f"could not start: {e}\n")
-        return f"error: {e}", 0.0, str(e)
+        return f"error: {e}", 0.0, [str(e)]
 
     def pump():
         for line in proc.stdout:
             say(line)
             if line.strip():
-                last[0] = line.strip()[:160]
+                last.append(line.strip()[:160])
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -146,8 +217,8 @@ def _run_one(part: Part, limit: float, say: Callable[[str], None]) -> tuple[str,
         except subprocess.TimeoutExpired:
             _signal(proc, signal.SIGKILL)
             proc.wait()
-    reader.join(timeout=10)
-    return status, time.monotonic() - start, last[0]
+    reader.join(timeout=DRAIN)
+    return status, time.monotonic() - start, list(last)
 
 
 def _shown(command: list[str]) -> str:
@@ -247,7 +318,14 @@ def prepare_parts(source: Path, carry: Path, classes: int, dry_run: bool, force:
 
 # --------------------------------------------------------------------------------- check
 
-def check_parts(data: Path, carry: Path, work: Path, dry_run: bool) -> list[Part]:
+# pytest's order is the command line's: the Triton LRN kernels and the fused net first (they were
+# the ones never reached when the compile test sat in the middle), the torch.compile test alone
+# in the last part of the stage (it compiles for ~a minute).
+GPU_TEST_FILES = ["tests/test_lrn_triton.py", "tests/test_model.py", "tests/test_data.py", "tests/test_gpu.py"]
+COMPILE_TEST = "tests/test_gpu.py::test_compiled_fast_step_runs_full_and_partial_batches"
+
+
+def check_parts(data: Path, carry: Path, work: Path, out: Path, dry_run: bool) -> list[Part]:
     versions = _python("-c", (
         "import sys, torch, torchvision\n"
         "try:\n    import triton; tv = triton.__version__\nexcept ImportError:\n    tv = 'not installed'\n"
@@ -259,10 +337,10 @@ def check_parts(data: Path, carry: Path, work: Path, dry_run: bool) -> list[Part
     test_env = {"REPRODUCTION_TEST_DATA": str(carry), "REPRODUCTION_GPU_TESTS": "require"}
     # -v: each test's result is printed as it ends, so a part stopped at its deadline still says
     # which tests passed
-    tests = _python("-m", "pytest", "-m", "gpu", "-v", "-rfEs", "--durations=8", "-p", "no:cacheprovider")
-    two = _python("-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-                  "tests/test_model.py::test_two_devices_cuda_and_cpu_equal_one_device",
-                  "tests/test_gpu.py::test_an_optimiser_step_on_mixed_devices_matches_the_cpu")
+    pytest = ["-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider"]
+    tests = _python(*pytest, "--durations=8", *GPU_TEST_FILES, "--deselect", COMPILE_TEST)
+    compile_test = _python(*pytest, COMPILE_TEST)
+    jsonl = str(out / "check.jsonl")  # the bench rows go into the stage's JSON lines as measured
     bench_bf16 = _python("-m", "reproduction.bench", "model", "--device", "cuda", "--batch-sizes", "512",
                          "--precisions", "bf16")
     bench_fp32 = _python("-m", "reproduction.bench", "model", "--device", "cuda", "--batch-sizes", "128",
@@ -271,23 +349,40 @@ def check_parts(data: Path, carry: Path, work: Path, dry_run: bool) -> list[Part
     train = _python("-m", "reproduction.train", "--experiment", "paper", "--data", str(data), "--out", str(run),
                     "--devices", "cuda:0", "--set", "epochs=1", "stuck_steps=100000", *FAST)
     bench_eval = _python("-m", "reproduction.bench", "eval", "--data", str(data), "--device", "cuda",
-                         "--ten-patch", "--set", *FAST)
+                         "--ten-patch", "--json", jsonl, "--set", *FAST)
     bench_train = _python("-m", "reproduction.bench", "train", "--data", str(data), "--device", "cuda",
-                          "--set", *FAST)
-    # In the issue's order of importance: a later part gets what the earlier ones left.
-    parts = [Part("versions", versions, 60),
-             Part("gpu tests", tests, 180, env=test_env),
-             Part("two-device net (cuda:0 + cpu)", two, 60, env=test_env),
-             Part("train 1 epoch, fast path", train, 90, note=lambda: _final_note(run)),
-             Part("bench model bf16/512", bench_bf16, 120),
-             Part("bench model fp32/128", bench_fp32, 60),
-             Part("bench eval ten-patch", bench_eval, 60),
-             Part("bench train", bench_train, 60)]
+                          "--json", jsonl, "--set", *FAST)
+    # Deadlines (s) sum to BUDGET["check"]: estimates for an H100/H200 (a part that ends early
+    # passes its seconds on). Slow last: the two parts that run torch.compile (~a minute each).
+    parts = [Part("versions", versions, 20),
+             Part("gpu tests", tests, 140, env=test_env),
+             Part("train 1 epoch, fast path", train, 60, note=lambda: _final_note(run),
+                  record=lambda: _run_record(run)),
+             Part("bench model fp32/128", bench_fp32, 40),
+             Part("bench eval ten-patch", bench_eval, 35),
+             Part("bench train", bench_train, 45),
+             Part("bench model bf16/512 (+ compile)", bench_bf16, 70),
+             Part("gpu compile test", compile_test, 60, env=test_env)]
     if dry_run:  # the same parts; versions for real, the GPU parts as stand-ins
         for p in parts[1:]:
-            code = _fake_run_code(run, "paper", 0) if p.command is train else ""
+            code = (_fake_run_code(run, "paper", 0) if p.command is train
+                    else _fake_row_code(jsonl, p.command[3]) if p.command in (bench_eval, bench_train) else "")
             p.command = _stand_in(p.command, code)
     return parts
+
+
+def _fake_row_code(jsonl: str, bench: str) -> str:
+    """A dry run's bench part: one row in the stage's JSON lines, marked dry_run."""
+    return (f"import json; open({jsonl!r}, 'a').write(json.dumps({{'bench': {bench!r}, 'img_s': 1.0, "
+            "'dry_run': True}) + '\\n')\nprint('| dry run | 1 |')")
+
+
+def _run_record(run: Path) -> dict:
+    """A run folder's small files for its JSON line (the folder itself goes with the machine)."""
+    read = lambda name: json.loads((run / name).read_text()) if (run / name).is_file() else None
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    return {"final": read("final.json"), "metrics": rows, "config": read("config.json")}
 
 
 def _final_note(run: Path) -> str:
@@ -321,6 +416,7 @@ def ablation_parts(data: Path, work: Path, out: Path, seed: int, experiments: Se
         if dry_run:
             train = _stand_in(train, _fake_run_code(run, exp, seed))
         parts.append(Part(f"train {exp}", train, per_run, note=lambda run=run: _final_note(run),
+                          record=lambda run=run: {"final": _run_record(run)["final"]},
                           after=None if exp == "paper" else lambda exp=exp, run=run: pack(run, out, exp, seed)))
         if exp == "paper":  # Fig. 3 from the paper run, inside its folder, then packed
             fig = _python("-m", "reproduction.visualize", "filters", "--checkpoint", str(run / "checkpoint.pt"),
@@ -349,10 +445,11 @@ def pack(run: Path, out: Path, experiment: str, seed: int) -> str:
 def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[str]:
     """Unpack the ablation-*.tar.gz that a stage returned into `into`/<experiment>/seed<N>/
     (where `python -m reproduction.report` finds their final.json), and copy the stages'
-    summaries and logs to results/gpu/ (dated). Returns what was done."""
+    summaries, logs and JSON lines to results/gpu/ (dated). Returns what was done."""
     archives = sorted(folder.rglob("ablation-*.tar.gz"))
     summaries = sorted(folder.rglob("*-summary.md"))
-    summaries += [log for log in sorted(folder.rglob("*.log")) if (log.parent / f"{log.stem}-summary.md").exists()]
+    summaries += [f for f in sorted([*folder.rglob("*.log"), *folder.rglob("*.jsonl")])
+                  if (f.parent / f"{f.stem}-summary.md").exists()]  # a stage's log and JSON lines
     if not archives and not summaries:
         raise UserError(f"{folder} holds no ablation-*.tar.gz or *-summary.md; give the folder a "
                         "`python -m reproduction.gpu` stage wrote ($OUT, the run tool's files_at)")
@@ -430,7 +527,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=None,
                    help=f"Tiny-ImageNet classes (default {CLASSES}; 2 with --dry-run)")
     p.add_argument("--force", action="store_true", help="prepare the set again even if it is there")
-    p = sub.add_parser("check", help="GPU, first: versions, gpu tests, two-device net, benchmarks, a short run")
+    p = sub.add_parser("check", help="GPU, first: versions, gpu tests, a short run, benchmarks, the compile test")
     common(p)
     p = sub.add_parser("ablations", help="GPU: paper and four ablations on the subset, one seed")
     common(p)
@@ -461,8 +558,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
                             "shared data folder (prepare runs on the CPU machine, before the GPU call)")
         parts = prepare_parts(args.source, args.carry, classes, dry, args.force)
         rows = run_parts("prepare", parts, out, BUDGET["prepare"], dry_run=dry,
-                         header=[f"carry: {args.carry}; then: run tool, carry [\"gpu-carry\"], "
-                                 "command `python3 -m reproduction.gpu check`"])
+                         header=arithmetic("prepare", parts, BUDGET["prepare"], gpu=False) +
+                         [f"carry: {args.carry}; then: run tool, carry [\"gpu-carry\"], "
+                          "command `python3 -m reproduction.gpu check`"])
         return 0 if all(r["status"] == "ok" for r in rows) else 1
     data = find_data(args.carry, args.data)
     if not dry:
@@ -472,21 +570,25 @@ def _main(argv: Sequence[str] | None = None) -> int:
                             "--dry-run to rehearse it on the CPU")
     work = Path(tempfile.mkdtemp(prefix=f"gpu-{args.stage}-"))  # run folders with their checkpoints: never in $OUT
     header = [f"data: {data}; carry: {args.carry}; work: {work}; out: {out}"]
+    reserved = 0.0
     if args.stage == "check":
-        parts = check_parts(data, args.carry, work, dry)
+        parts = check_parts(data, args.carry, work, out, dry)
     else:
         unknown = sorted(set(args.experiments) - _experiment_names())
         if unknown:
             raise UserError(f"--experiments: {', '.join(unknown)} unknown; see reproduction/experiments.py")
-        budget = BUDGET["ablations"] - 30 - 20  # the fig3 part and packing
-        per_run = budget / len(args.experiments)
+        reserved = PACKING
+        per_run = (BUDGET["ablations"] - 30 - PACKING) / len(args.experiments)  # 30: the fig3 part
         if args.epochs < 1:
             raise UserError(f"--epochs must be >= 1, got {args.epochs}")
         header.append(f"recipe: --set seed={args.seed} {' '.join(recipe(args.epochs))}; {per_run:.0f} s per run "
                       "(a run past it is stopped by SIGTERM, checkpointed and packed as far as it got)")
         parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, dry, args.epochs)
     try:
-        rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header)
+        # refused before anything runs if the plan cannot fit (a dry run in CI checks this too)
+        header = arithmetic(args.stage, parts, BUDGET[args.stage], gpu=True, reserved=reserved) + header
+        rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header,
+                         reserved=reserved)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the packed runs are in $OUT; checkpoints go with the machine
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -82,15 +82,32 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+ELEMENTS = 1024  # elements per program (see _blocks)
+
+
 def _blocks(c: int) -> tuple[int, int]:
-    # All channels of a pixel in one program; ~4096 elements a program (untuned).
+    # All channels of a pixel in one program, 1024 elements a program (BLOCK_P pixels × BLOCK_C
+    # channels). Why not more: at 4096 the backward's SIZE-unrolled window held ~5×4096 values
+    # per 128 threads, so sm_90 spilled (C = 48 bf16: a 4.9 KB stack; C = 128: 168 registers and
+    # 3.7 KB) and ptxas took 7.5 s per variant; at 1024 it compiles in ~1.3 s without spilling
+    # (issue 23; tests/test_triton_compile.py fails on any spill).
     import triton
     block_c = triton.next_power_of_2(c)
-    return max(1, 4096 // block_c), block_c
+    return max(1, ELEMENTS // block_c), block_c
 
 
 def _forward(x: Tensor, size: int, alpha: float, beta: float, k: float, keep_d: bool):
     fwd, _ = _get_kernels()
+    y, d, grid, args, meta = forward_launch(x, size, alpha, beta, k, keep_d)
+    if x.numel():  # an empty tensor has no programs to launch
+        with _on(x.device):
+            fwd[grid](*args, **meta)
+    return y, (d if keep_d else None)
+
+
+def forward_launch(x: Tensor, size: int, alpha: float, beta: float, k: float, keep_d: bool):
+    """(y, d, grid, args, constexprs) of the forward kernel's launch on x, allocating y and d;
+    tests/test_triton_compile.py compiles exactly these launches for sm_90 from meta tensors."""
     x, sx = _pixel_view(x)
     n, c, h, w = x.shape
     y = torch.empty_like(x)  # a dense x's strides, so NCHW stays NCHW and NHWC stays NHWC
@@ -99,15 +116,22 @@ def _forward(x: Tensor, size: int, alpha: float, beta: float, k: float, keep_d: 
     d = torch.empty_like(y, dtype=torch.float32) if keep_d else y
     block_p, block_c = _blocks(c)
     tiles = -(-h * w // block_p)
-    if x.numel():  # an empty tensor has no programs to launch
-        with _on(x.device):
-            fwd[(n * tiles,)](x, y, d, h * w, c, tiles, *sx, *sy, alpha / size, beta, k, SIZE=size,
-                              BEFORE=size // 2, KEEP_D=keep_d, BLOCK_P=block_p, BLOCK_C=block_c)
-    return y, (d if keep_d else None)
+    args = (x, y, d, h * w, c, tiles, *sx, *sy, alpha / size, beta, k)
+    meta = dict(SIZE=size, BEFORE=size // 2, KEEP_D=keep_d, BLOCK_P=block_p, BLOCK_C=block_c)
+    return y, d, (n * tiles,), args, meta
 
 
 def _backward(x: Tensor, d: Tensor, g: Tensor, size: int, alpha: float, beta: float) -> Tensor:
     _, bwd = _get_kernels()
+    dx, grid, args, meta = backward_launch(x, d, g, size, alpha, beta)
+    if x.numel():  # an empty tensor has no programs to launch
+        with _on(x.device):
+            bwd[grid](*args, **meta)
+    return dx
+
+
+def backward_launch(x: Tensor, d: Tensor, g: Tensor, size: int, alpha: float, beta: float):
+    """(dx, grid, args, constexprs) of the backward kernel's launch, allocating dx."""
     x, sx = _pixel_view(x)
     _, sd = _pixel_view(d)
     g, sg = _pixel_view(g)  # the incoming gradient may have its own layout (even expanded)
@@ -116,11 +140,8 @@ def _backward(x: Tensor, d: Tensor, g: Tensor, size: int, alpha: float, beta: fl
     _, sdx = _pixel_view(dx)
     block_p, block_c = _blocks(c)
     tiles = -(-h * w // block_p)
-    if x.numel():  # an empty tensor has no programs to launch
-        with _on(x.device):
-            bwd[(n * tiles,)](x, d, g, dx, h * w, c, tiles, *sx, *sd, *sg, *sdx, alpha / size, beta,
-                              SIZE=size, BEFORE=size // 2, BLOCK_P=block_p, BLOCK_C=block_c)
-    return dx
+    args = (x, d, g, dx, h * w, c, tiles, *sx, *sd, *sg, *sdx, alpha / size, beta)
+    return dx, (n * tiles,), args, dict(SIZE=size, BEFORE=size // 2, BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _get_kernels():

@@ -2,12 +2,14 @@
 see conftest.py): train_step, PaperSGD, train() and evaluate on CUDA, the LRN operator at the
 towers' C = 48 / 128 in bf16 / channels_last inside the net, its no-grad path, the compiled
 fast step, an optimiser step with the towers on cuda:0 + cpu, deterministic reruns. The CPU
-tests here check the rules the GPU paths rely on (deterministic set-up, the skip rule)."""
+tests here check the rules the GPU paths rely on (deterministic set-up, the skip rule, the
+loader's fallback when nvJPEG fails to start)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +128,67 @@ def test_evaluate_reads_its_counts_from_the_device_once(tiny_set, monkeypatch):
     assert got["loss"] == pytest.approx(-p[torch.arange(14), y].clamp_min(1e-30).log().mean().item(), rel=1e-5)
 
 
+def test_a_failing_nvjpeg_falls_back_to_cpu_decode_and_says_so(tiny_set, monkeypatch, capsys):
+    """nvJPEG that fails to start (here: every device decode raises, as torchvision does for a
+    status other than ARCH_MISMATCH) costs speed, not the loader: the batch is decoded on the
+    CPU and copied (to the meta device here, no GPU needed), nvJPEG is not tried again, and one
+    warning says so. A corrupt image fails on the CPU too and keeps its own error."""
+    from reproduction import data
+    real, calls = data.decode_jpeg, []
+
+    def decode(images, mode, device="cpu"):
+        calls.append(torch.device(device).type)
+        if torch.device(device).type != "cpu":
+            raise RuntimeError("nvjpegCreateEx failed: 6 (NVJPEG_STATUS_EXECUTION_FAILED)")
+        return real(images, mode=mode)
+
+    monkeypatch.setattr(data, "decode_jpeg", decode)
+    monkeypatch.setattr(data, "_CPU_DECODE", {})
+    dataset, meta = PackedSet(tiny_set, "train"), torch.device("meta")
+    idx = torch.arange(4)
+    want = data._decode(dataset.encoded(idx), idx, dataset.image_size, torch.device("cpu"))
+    got = [data._decode(dataset.encoded(idx), idx, dataset.image_size, meta) for _ in range(2)]
+    assert all(g.device == meta and g.shape == want.shape and g.dtype == want.dtype for g in got)
+    assert calls == ["cpu", "meta", "cpu", "cpu"]  # nvJPEG tried once
+    err = capsys.readouterr().err
+    assert err.count("warning: nvJPEG failed on meta") == 1 and "NVJPEG_STATUS_EXECUTION_FAILED" in err
+    assert data.decoder(meta).startswith("CPU + copy (nvJPEG failed: nvjpegCreateEx failed")
+    assert data.decoder("cpu").startswith("CPU") and data.decoder("cuda:0") == "nvJPEG"
+    monkeypatch.setattr(data, "_CPU_DECODE", {})
+    with pytest.raises(RuntimeError) as caught:
+        data._decode([torch.tensor([1, 2, 3], dtype=torch.uint8)], torch.arange(1), dataset.image_size, meta)
+    assert "nvjpeg" not in str(caught.value).lower() and meta not in data._CPU_DECODE
+
+
+def test_bench_train_and_eval_record_each_row_as_measured(tiny_set, tmp_path, monkeypatch, capsys):
+    """gpu check's bench parts (CPU here): each measured row goes to --json at once (a part
+    killed at its deadline keeps what it had measured), and bench train's loader is laid out
+    as train() lays it out (channels_last)."""
+    from reproduction import bench
+    real, layouts = bench.train_batches, []
+
+    def batches(*args, **kw):
+        layouts.append(kw.get("channels_last"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench, "train_batches", batches)
+    rows = tmp_path / "rows.jsonl"
+    assert bench.main(["train", "--data", str(tiny_set), "--device", "cpu", "--batch-size", "4", "--batches", "1",
+                       "--warmup", "1", "--workers", "0", "--json", str(rows), "--set", "channels_last=True"]) == 0
+    assert layouts and all(layouts)
+    got = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["measurement"].split(" (")[0] for r in got] == ["loader only", "model only", "end to end",
+                                                             "end to end / model only"]
+    assert all(r["img_s"] > 0 and r["channels_last"] and r["decoder"].startswith("CPU") for r in got[:3])
+    out = capsys.readouterr().out
+    assert out.index("loader only (read, decode, augment: the ceiling): ") < out.index("| measurement |")
+    assert bench.main(["eval", "--data", str(tiny_set), "--device", "cpu", "--batch-size", "4", "--workers", "0",
+                       "--ten-patch", "--json", str(rows)]) == 0
+    row = json.loads(rows.read_text().splitlines()[-1])
+    assert row["bench"] == "eval" and row["images"] == 6
+    assert row["patches_s"] == pytest.approx(10 * row["img_s"], abs=1)  # both rounded to 0.1
+
+
 # --- CUDA ---------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -176,9 +239,9 @@ def test_lrn_operator_on_cuda_at_the_towers_sizes(channels, dtype, groups):
 
 
 @pytest.mark.gpu
-def test_fast_net_in_bf16_channels_last_matches_the_plain_net():
+def test_fast_net_in_bf16_channels_last_matches_the_plain_net(no_tf32):
     """The LRN operator inside the net (both towers, C = 48 and 128) under bf16 autocast and
-    channels_last, against the plain fp32 net: logits, fc8's gradient, the no-grad path."""
+    channels_last, against the plain fp32 net (TF32 off): logits, fc8's gradient, the no-grad path."""
     torch.manual_seed(0)
     plain = AlexNet(NO_DROPOUT, devices=("cuda",)).eval()
     fast = copy.deepcopy(plain).set_fused_lrn(True).to(memory_format=torch.channels_last)

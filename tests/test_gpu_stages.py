@@ -64,18 +64,75 @@ def test_prepare_builds_the_carry_folder(carry):
     assert all(r[0] == "ok" for r in rows.values())
 
 
-def test_check_dry_run_prints_the_table_last(carry, capsys):
+CHECK_PARTS = ["versions", "gpu tests", "train 1 epoch, fast path", "bench model fp32/128", "bench eval ten-patch",
+               "bench train", "bench model bf16/512 (+ compile)", "gpu compile test"]
+
+
+def test_check_dry_run_prints_the_arithmetic_and_the_table_last(carry, capsys):
     out = carry / "check"
     assert gpu.main(["check", "--dry-run", "--carry", str(carry / "carry"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = table(printed[printed.rindex("## check"):])
-    assert list(rows) == ["versions", "gpu tests", "two-device net (cuda:0 + cpu)", "train 1 epoch, fast path",
-                          "bench model bf16/512", "bench model fp32/128", "bench eval ten-patch", "bench train"]
+    assert list(rows) == CHECK_PARTS
     assert all(r[0] == "ok" for r in rows.values())
     assert "CUDA " in rows["versions"][2]  # the real part ran: its last line is in the note
+    # the budget arithmetic, before any part runs: each deadline, their sum, the worst case
+    head = printed[:printed.index("--- versions")]
+    assert "budget: versions 20 + gpu tests 140 + " in head and f"= 470 s of {gpu.BUDGET['check']:.0f} s" in head
+    assert f"= {gpu.BUDGET['check'] + gpu.GRACE + gpu.DRAIN:.0f} s of the call's {gpu.CALL_SECONDS:.0f} s" in head
     log = (out / "check.log").read_text()
     assert "python -m pytest -m gpu" in log and "--batch-sizes 512 --precisions bf16" in log
     assert (out / "check-summary.md").read_text() in printed
+    # one JSON line per part, in order; the bench rows written as measured are in their part's
+    lines = [json.loads(line) for line in (out / "check.jsonl").read_text().splitlines()]
+    parts = [e for e in lines if "part" in e]
+    assert [e["part"] for e in parts] == CHECK_PARTS and all(e["status"] == "ok" for e in parts)
+    by_name = {e["part"]: e for e in parts}
+    assert by_name["bench eval ten-patch"]["rows"] == [{"bench": "eval", "img_s": 1.0, "dry_run": True}]
+    assert by_name["bench train"]["rows"][0]["bench"] == "train" and by_name["versions"]["rows"] == []
+    assert by_name["train 1 epoch, fast path"]["final"]["epochs"] == 1  # kept though the run folder is not
+    assert "CUDA " in " ".join(by_name["versions"]["tail"])
+
+
+def test_check_plan_deadlines_sum_to_the_budget_slow_parts_last(tmp_path):
+    parts = gpu.check_parts(tmp_path / "data", tmp_path / "carry", tmp_path / "work", tmp_path / "out", dry_run=False)
+    assert [p.name for p in parts] == CHECK_PARTS  # no second run of the two-device tests
+    assert sum(p.seconds for p in parts) == gpu.BUDGET["check"]
+    assert gpu.BUDGET["check"] + gpu.GRACE + gpu.DRAIN <= gpu.CALL_SECONDS
+    # the torch.compile parts last; the gpu tests in the given file order, the compile test only at the end
+    tests, compile_test = parts[1].command, parts[-1].command
+    files = [w for w in tests if w.startswith("tests/")]
+    assert files == gpu.GPU_TEST_FILES + [gpu.COMPILE_TEST] and tests[tests.index(gpu.COMPILE_TEST) - 1] == "--deselect"
+    assert compile_test[-1] == gpu.COMPILE_TEST and "compile" in parts[-2].name
+    path, name = gpu.COMPILE_TEST.split("::")
+    assert f"def {name}(" in (gpu.ROOT / path).read_text()
+    assert all((gpu.ROOT / f).is_file() for f in gpu.GPU_TEST_FILES)
+    for p in parts:  # bench eval/train write their rows into the stage's JSON lines
+        if p.command[3:4] in (["eval"], ["train"]) and "reproduction.bench" in p.command:
+            assert p.command[p.command.index("--json") + 1] == str(tmp_path / "out" / "check.jsonl")
+
+
+@pytest.mark.parametrize("change", ["budget", "call"])
+def test_a_plan_over_its_budget_is_refused_before_it_runs(carry, capsys, monkeypatch, change):
+    if change == "budget":
+        monkeypatch.setitem(gpu.BUDGET, "check", 400.0)
+    else:
+        monkeypatch.setattr(gpu, "CALL_SECONDS", 480.0)
+    out = carry / f"over-{change}"
+    assert gpu.main(["check", "--dry-run", "--carry", str(carry / "carry"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: check: ")
+    assert ("470 s, over the stage's 400 s budget" if change == "budget" else "exceeds the call's 480 s") in err
+    assert "reproduction/gpu.py" in err and not out.exists()  # nothing ran
+
+
+def test_ablations_and_prepare_plans_fit_their_budgets(carry, capsys):
+    assert gpu.main(["ablations", "--dry-run", "--carry", str(carry / "carry"), "--out", str(carry / "abl-plan"),
+                     "--experiments", "paper", "no_lrn"]) == 0
+    head = capsys.readouterr().out.split("--- ")[0]
+    assert "budget: train paper 215 + fig3 paper 30 + train no_lrn 215 + packing 20 = 480 s of 480 s" in head
+    text = (carry / "prepare" / "prepare.log").read_text()
+    assert "budget: data_prep tiny-imagenet 840 + imagenet-sample 30 + size 30 = 900 s of 900 s" in text
 
 
 def test_ablations_pack_at_most_eight_files_and_collect_files_them(carry, capsys, tmp_path):
@@ -98,7 +155,8 @@ def test_ablations_pack_at_most_eight_files_and_collect_files_them(carry, capsys
     final = json.loads((into / "one_tower" / "seed3" / "final.json").read_text())
     assert final["experiment"] == "one_tower"
     copied = sorted(p.name for p in into.iterdir() if p.is_file())
-    assert [n.split("-2")[0] for n in copied] == ["ablations", "ablations-summary"]  # dated copies
+    assert [n.split("-2")[0] for n in copied] == ["ablations", "ablations", "ablations-summary"]  # dated copies
+    assert {n.rsplit(".", 1)[1] for n in copied} == {"log", "jsonl", "md"}
     assert gpu.main(["collect", str(out), "--into", str(into), "--allow-dry-run"]) == 2  # no silent replace
 
 
@@ -115,6 +173,21 @@ def test_a_failing_or_overrunning_part_never_stops_the_next(tmp_path, monkeypatc
     assert status["late"] in ("ok", "skipped (no time left)")
     assert rows[0]["note"] == "boom" and "waiting" in (tmp_path / "box.log").read_text()
     assert rows[1]["seconds"] < 6  # killed at its deadline, not at the child's 60 s
+    # the killed part has its JSON line too, with what it printed
+    lines = {e["part"]: e for e in map(json.loads, (tmp_path / "box.jsonl").read_text().splitlines())}
+    assert lines["hangs"]["status"].startswith("timeout") and lines["hangs"]["tail"] == ["waiting"]
+    assert set(lines) == {"fails", "hangs", "works", "late"}
+
+
+def test_a_part_gets_the_seconds_the_parts_before_it_left(tmp_path):
+    """Deadlines 4 + 2 in a budget of 6: the first ends at once, so the second (which needs ~3 s)
+    may run until the budget's end, while a part after it would keep its own deadline."""
+    parts = [gpu.Part("quick", [sys.executable, "-c", "print('fast')"], 4),
+             gpu.Part("slow", [sys.executable, "-c", "import time; time.sleep(3); print('done')"], 2)]
+    rows = gpu.run_parts("slack", parts, tmp_path, budget=6.0)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    limits = [e["limit"] for e in map(json.loads, (tmp_path / "slack.jsonl").read_text().splitlines())]
+    assert limits[0] == pytest.approx(4, abs=0.5) and limits[1] > 4
 
 
 def test_check_refuses_without_a_gpu_unless_dry_run(carry, capsys):
