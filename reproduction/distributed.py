@@ -1,4 +1,5 @@
-"""Data-parallel replicas under torchrun: where each replica's towers go, and the few
+"""Where the towers go: `parse_devices` for one process (train, evaluate and visualize read
+--devices with it), `replica_devices` for each of torchrun's data-parallel replicas; and the few
 collectives the training loop needs (torch.distributed + DistributedDataParallel; NCCL on GPUs,
 gloo on the CPU). A plain run uses `Distributed()`, whose methods do nothing.
 """
@@ -15,6 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from reproduction.config import RunConfig, override
+from reproduction.errors import UserError
+from reproduction.model import default_devices
 
 
 class Distributed:
@@ -80,6 +83,25 @@ def torchrun_replica() -> tuple[int, int] | None:
     if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
     return int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+
+
+def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
+    """'cpu', 'cuda:0' or 'cuda:0,cuda:1' (one per tower); None: `default_devices`."""
+    names = default_devices(towers) if not text else [d.strip() for d in text.split(",")]
+    devices = []
+    for name in names:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--devices {text}: {name!r} is not a device; give cpu, cuda, cuda:0 or "
+                            "cuda:0,cuda:1 (one per tower)") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+            raise UserError(f"--devices {text}: {name} is not visible ({torch.cuda.device_count()} CUDA "
+                            "device(s)); give cpu or a visible GPU")
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"--devices {text}: {name!r} is neither cpu nor cuda; give cpu or cuda:N")
+        devices.append(device)
+    return tuple(devices)
 
 
 def replica_devices(local_rank: int, local_world: int, towers: int, gpus: int) -> tuple[torch.device, ...]:

@@ -40,13 +40,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from reproduction import kernels, runs
 from reproduction.config import RunConfig, TrainConfig, override
-from reproduction.data import default_workers, epoch_order, num_batches, train_batches
-from reproduction.distributed import Distributed, replica_devices, scale_batch, torchrun_replica
+from reproduction.data import PackedSet, Stats, default_workers, epoch_order, num_batches, train_batches
+from reproduction.distributed import Distributed, parse_devices, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import evaluate, final_metrics
 from reproduction.precision import autocast
 from reproduction.experiments import EXPERIMENTS
-from reproduction.model import AlexNet, default_devices
+from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, fixed_schedule_lr, paper_param_groups, plateau_lr
 from reproduction.weights import BEST, SELECTED_BY_VAL
 
@@ -156,25 +156,6 @@ class Interrupt:
             signal.signal(sig, handler)
 
 
-def parse_devices(text: str | None, towers: int) -> tuple[torch.device, ...]:
-    """'cpu', 'cuda:0' or 'cuda:0,cuda:1' (one per tower); None: `default_devices`."""
-    names = default_devices(towers) if not text else [d.strip() for d in text.split(",")]
-    devices = []
-    for name in names:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"--devices {text}: {name!r} is not a device; give cpu, cuda, cuda:0 or "
-                            "cuda:0,cuda:1 (one per tower)") from None
-        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-            raise UserError(f"--devices {text}: {name} is not visible ({torch.cuda.device_count()} CUDA "
-                            "device(s)); give cpu or a visible GPU")
-        if device.type not in ("cpu", "cuda"):
-            raise UserError(f"--devices {text}: {name!r} is neither cpu nor cuda; give cpu or cuda:N")
-        devices.append(device)
-    return tuple(devices)
-
-
 def automatic_choices(*, devices_given: bool, workers: int | None, devices: Sequence[torch.device],
                       config: RunConfig) -> list[str]:
     """What this run chose by itself for this machine, each with its reason (printed, and kept in
@@ -227,6 +208,83 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
            devices: Sequence[torch.device] | None, workers: int | None, max_epochs: int | None,
            command: Sequence[str] | None, log: Callable[[str], None], replicas: Distributed,
            batch_scaling: dict | None, init_from: Path | None, plan: Plan | None) -> dict:
+    run = _setup(config, data_dir, folder, experiment=experiment, resume=resume, devices=devices,
+                 workers=workers, max_epochs=max_epochs, command=command, log=log, replicas=replicas,
+                 batch_scaling=batch_scaling, init_from=init_from, plan=plan)
+    with Interrupt() as interrupt:
+        while run.position["epoch"] < run.last_epoch:
+            _epoch(run, interrupt)
+    if run.position["epoch"] < run.config.train.epochs:
+        return {"stopped_at_epoch": run.position["epoch"]}
+    return _finish(run)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run's state between `_setup`, its `_epoch`s and `_finish`."""
+    config: RunConfig
+    folder: runs.RunFolder
+    data_dir: Path
+    experiment: str
+    train_set: PackedSet
+    val_set: PackedSet
+    stats: Stats
+    model: AlexNet  # the bare net: its state_dict and evaluation
+    step_fn: nn.Module  # what a training step calls (compiled, or under DDP)
+    optimizer: PaperSGD
+    replicas: Distributed
+    guard: Guard
+    position: dict  # epoch, batch and step reached, and the epoch's running sums
+    history: list[dict]  # metrics.jsonl's rows
+    last_epoch: int  # where this process stops (max_epochs: a staged run)
+    max_epochs: int | None
+    plan: Plan | None  # until the plan has chosen the epochs
+    eval_kw: dict
+    workers: int | None
+    log: Callable[[str], None]
+    lr: float = 0.0
+    last_val: dict | None = None  # the last validation in this process: the final centre result
+    pending: list[tuple[Tensor, Tensor, int]] = dataclasses.field(default_factory=list)  # not yet read back
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return num_batches(len(self.train_set), self.config.train.batch_size)
+
+    def save(self, position: dict) -> None:
+        """checkpoint.pt at `position`, written only when its weights are finite, so that the last
+        one is always usable."""
+        bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainingStopped(f"the weights ({bad}) became non-finite by {position_text(position)} (ε = {self.lr:g}); "
+                                  f"nothing was checkpointed. Try a smaller learning rate (--set lr={self.lr / 10:g}). "
+                                  f"{self.guard.checkpoint_note}.")
+        self.folder.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                          "position": position, "config": runs.config_dict(self.config), "epoch": position["epoch"],
+                          "classes": self.class_ids()})  # so an ensemble can check its members agree
+        self.guard.checkpoint_note = (f"The last checkpoint ({self.folder.path / runs.CHECKPOINT}, "
+                                      f"{position_text(position)}) held finite weights when it was written")
+
+    def keep_progress(self) -> str:
+        """The loader failed: checkpoint the steps taken so far (one process; under torchrun the
+        other ranks are mid-collective, so the last checkpoint stands)."""
+        if self.replicas.started:
+            return f"the last checkpoint stands ({self.guard.checkpoint_note})"
+        if self.pending:
+            _read_back(self.pending, self.position["sums"], self.guard, self.replicas, self.position["step"],
+                       self.lr, False)
+        self.save(self.position)
+        return f"the progress is checkpointed at {position_text(self.position)}"
+
+    def class_ids(self) -> list[str]:
+        return [c["id"] for c in self.train_set.classes]
+
+
+def _setup(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experiment: str, resume: bool,
+           devices: Sequence[torch.device] | None, workers: int | None, max_epochs: int | None,
+           command: Sequence[str] | None, log: Callable[[str], None], replicas: Distributed,
+           batch_scaling: dict | None, init_from: Path | None, plan: Plan | None) -> _Run:
+    """Read and check everything (the folder, the data, a resumed checkpoint) before writing
+    anything; then build the net and its optimiser, and start or resume the run folder."""
     command = list(sys.argv if command is None else command)
     if not replicas.is_main:
         log = _quiet  # rank 0 alone prints
@@ -237,7 +295,6 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
         raise UserError(f"a global batch of {t.batch_size} cannot be split between {replicas.world} "
                         f"replicas; use --global-batch or fewer processes")
     out = folder.path
-    # Everything is read and checked before anything is written.
     if resume:
         state, meta, _ = folder.open_for_resume()
     else:
@@ -300,139 +357,123 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
             folder.amend({"automatic": automatic})
     if resume:
         log(f"resumed {out} at {position_text(position)}")
-    step_fn = step_module(model, t, replicas)  # `model` stays the bare net: its state_dict and evaluation
     if replicas.started:
         least, most = t.batch_size // replicas.world, -(-t.batch_size // replicas.world)
         log(f"{replicas.world} replicas ({replicas.describe()['backend']}): global batch {t.batch_size}, "
             f"{least if least == most else f'{least}-{most}'} images per replica; rank 0 on "
             f"{', '.join(map(str, devices))}")
-
     # stuck_steps=0: scaled with the epoch (half an ILSVRC epoch is too soon for the paper's init).
-    def keep_progress() -> str:
-        """The loader failed: checkpoint the steps taken so far (one process; under torchrun the
-        other ranks are mid-collective, so the last checkpoint stands)."""
-        if replicas.started:
-            return f"the last checkpoint stands ({guard.checkpoint_note})"
-        if pending:
-            _read_back(pending, sums, guard, replicas, position["step"], lr, False)
-        save(position)
-        return f"the progress is checkpointed at {position_text(position)}"
-
     guard = Guard(classes, t.stuck_steps or max(5000, 3 * num_batches(len(train_set), t.batch_size)), log)
     if resume:
         guard.checkpoint_note = f"The checkpoint this run resumed from ({position_text(position)}) is kept"
+    return _Run(config=config, folder=folder, data_dir=data_dir, experiment=experiment, train_set=train_set,
+                val_set=val_set, stats=stats, model=model, step_fn=step_module(model, t, replicas),
+                optimizer=optimizer, replicas=replicas, guard=guard, position=position, history=history,
+                last_epoch=t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs),
+                max_epochs=max_epochs, plan=plan, workers=workers, log=log,
+                eval_kw=dict(batch_size=t.batch_size, device=home, precision=t.precision,
+                             channels_last=t.channels_last, workers=workers, replicas=replicas))
 
-    def save(position):
-        # A checkpoint is written only when its weights are finite, so the last one is always usable.
-        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-        if bad is not None:
-            raise TrainingStopped(f"the weights ({bad}) became non-finite by {position_text(position)} (ε = {lr:g}); "
-                                  f"nothing was checkpointed. Try a smaller learning rate (--set lr={lr / 10:g}). "
-                                  f"{guard.checkpoint_note}.")
-        folder.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "position": position, "config": runs.config_dict(config), "epoch": position["epoch"],
-                     # the class list, so an ensemble can check its members agree
-                     "classes": [c["id"] for c in train_set.classes]})
-        guard.checkpoint_note = (f"The last checkpoint ({out / runs.CHECKPOINT}, {position_text(position)}) "
-                                 "held finite weights when it was written")
-    batches_per_epoch = num_batches(len(train_set), t.batch_size)
-    last_epoch = t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs)
-    eval_kw = dict(batch_size=t.batch_size, device=home, precision=t.precision,
-                   channels_last=t.channels_last, workers=workers, replicas=replicas)
+
+def _epoch(run: _Run, interrupt: Interrupt) -> None:
+    """One epoch (or the rest of one, resumed): its steps, its validation (centre patch), its
+    line in metrics.jsonl and its checkpoint. A plan chooses the run's epochs during the first."""
+    config, t, log, replicas = run.config, run.config.train, run.log, run.replicas
+    train_set, home = run.train_set, run.eval_kw["device"]
+    epoch = run.position["epoch"]
+    run.lr = lr = learning_rate(config, [r["val_top1_error"] for r in run.history])
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr  # a drop leaves the velocity at its old scale (§5's form)
+    run.model.train()
+    sums, start, last_print = run.position["sums"], time.time(), time.time()
+    probe = (time.perf_counter(), 0)  # a plan's clock; restarted after the warm-up step
+    images_this_run = 0
+    batches = train_batches(train_set, run.stats, config.data, batch_size=t.batch_size, seed=t.seed,
+                            epoch=epoch, device=home, start_batch=run.position["batch"], workers=run.workers,
+                            shard=(replicas.rank, replicas.world),  # this replica's slice
+                            channels_last=t.channels_last)
+    batches = _naming_bad_images(batches, train_set, epoch_order(len(train_set), seed=t.seed, epoch=epoch),
+                                 t.batch_size, run.position["batch"], run.keep_progress)
     # Under torchrun every step: the read is also the reduction in which all ranks learn of a
     # Ctrl-C that reached one of them, and they must stop at the same step.
     read_every = 1 if replicas.started else READ_EVERY
-    last_val = None
-    with Interrupt() as interrupt:
-        while position["epoch"] < last_epoch:
-            epoch = position["epoch"]
-            lr = learning_rate(config, [r["val_top1_error"] for r in history])
-            for group in optimizer.param_groups:
-                group["lr"] = lr  # a drop leaves the velocity at its old scale (§5's form)
-            model.train()
-            sums, start, last_print = position["sums"], time.time(), time.time()
-            probe = (time.perf_counter(), 0)  # a plan's clock; restarted after the warm-up step
-            images_this_run = 0
-            batches = train_batches(train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed,
-                                    epoch=epoch, device=home, start_batch=position["batch"], workers=workers,
-                                    shard=(replicas.rank, replicas.world),  # this replica's slice
-                                    channels_last=t.channels_last)
-            batches = _naming_bad_images(batches, train_set, epoch_order(len(train_set), seed=t.seed, epoch=epoch),
-                                         t.batch_size, position["batch"], keep_progress)
-            pending: list[tuple[Tensor, Tensor, int]] = []  # steps not yet read back from the device
-            for k, (x, y) in enumerate(batches, start=position["batch"]):
-                n = min(t.batch_size, len(train_set) - k * t.batch_size)  # images in the global batch
-                torch.manual_seed(step_seed(t.seed, position["step"], replicas.rank))  # dropout masks
-                loss, errors = train_step(step_fn, optimizer, x, y, n=n, precision=t.precision,
-                                          channels_last=t.channels_last, world=replicas.world)
-                pending.append((loss, errors, n))
-                position = {"epoch": epoch, "batch": k + 1, "step": position["step"] + 1, "sums": sums}
-                images_this_run += n
-                if plan is not None and (position["step"] in (1, 1 + plan.steps) or k + 1 == batches_per_epoch):
-                    loss.item()  # the step is done (a GPU's queue drained) before the clock is read
-                    if position["step"] == 1 and k + 1 < batches_per_epoch:
-                        probe = (time.perf_counter(), images_this_run)  # after the warm-up step
-                    else:
-                        began, before = probe  # (an epoch of one batch: timed from the epoch's start)
-                        rate = (images_this_run - before) / (time.perf_counter() - began)
-                        config, record = plan.choose(rate, images_this_run, config)
-                        t, plan = config.train, None
-                        last_epoch = t.epochs if max_epochs is None else min(t.epochs, max_epochs)
-                        folder.amend({"plan": record, "config": runs.config_dict(config)})
-                if not (position["step"] % read_every == 0 or k + 1 == batches_per_epoch or interrupt.requested):
-                    continue
-                stop = _read_back(pending, sums, guard, replicas, position["step"], lr, interrupt.requested)
-                now = time.time()
-                if now - last_print >= 10 or k + 1 == batches_per_epoch:
-                    rate = images_this_run / (now - start)
-                    left = (batches_per_epoch - k - 1) * t.batch_size / rate
-                    left += (last_epoch - epoch - 1) * batches_per_epoch * t.batch_size / rate
-                    log(f"epoch {epoch + 1}/{t.epochs} step {k + 1}/{batches_per_epoch} "
-                        f"loss {sums['loss'] / sums['images']:.4f} ε {lr:g} {rate:.0f} img/s "
-                        f"ETA {_duration(left)}")
-                    last_print = now
-                if stop:
-                    sums["seconds"] += time.time() - start
-                    save(position)
-                    replicas.barrier()  # torchrun stops the job when one rank exits: not before the save
-                    launcher = "torchrun [its options] -m" if replicas.started else "python -m"
-                    log(f"interrupted: checkpoint at epoch {epoch + 1}, batch {k + 1}; continue with "
-                        f"{launcher} reproduction.train --resume --out {out}")
-                    raise KeyboardInterrupt
-            seconds = sums["seconds"] + time.time() - start
-            val = last_val = evaluate(model, val_set, stats, config.data, ten_patch=False, **eval_kw)
-            if not (math.isfinite(val["loss"]) and math.isfinite(sums["loss"])):
-                raise TrainingStopped(f"epoch {epoch + 1} (ε = {lr:g}) produced a non-finite "
-                                      f"{'validation loss' if math.isfinite(sums['loss']) else 'training loss'}: "
-                                      f"the net's outputs overflowed; nothing of this epoch is recorded. Try a "
-                                      f"smaller learning rate (--set lr={lr / 10:g}). {guard.checkpoint_note}.")
-            row = {"epoch": epoch, "step": position["step"], "lr": lr,
-                   "train_loss": sums["loss"] / sums["images"], "train_error": sums["errors"] / sums["images"],
-                   "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
-                   "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds}
-            folder.append(row)
-            history.append(row)
-            log(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} error "
-                f"{row['train_error']:.4f} | val top-1 {val['top1_error']:.4f} top-5 "
-                f"{val['top5_error']:.4f} (centre patch) | ε {lr:g} | {_duration(seconds)}")
-            position = {"epoch": epoch + 1, "batch": 0, "step": position["step"], "sums": _zero_sums()}
-            save(position)
-            if folder.writer and row["val_top1_error"] < min([r["val_top1_error"] for r in history[:-1]] or [math.inf]):
-                _save_best(folder, row, {"model": model.state_dict(), "config": runs.config_dict(config),
-                                         "classes": [c["id"] for c in train_set.classes]})
-    if position["epoch"] < t.epochs:
-        return {"stopped_at_epoch": position["epoch"]}
-    # The last epoch's validation in this process is the centre protocol of these weights.
-    final = final_metrics(model, val_set, stats, config.data, centre=last_val, **eval_kw)
+    per_epoch = run.batches_per_epoch
+    run.pending = pending = []
+    for k, (x, y) in enumerate(batches, start=run.position["batch"]):
+        n = min(t.batch_size, len(train_set) - k * t.batch_size)  # images in the global batch
+        torch.manual_seed(step_seed(t.seed, run.position["step"], replicas.rank))  # dropout masks
+        loss, errors = train_step(run.step_fn, run.optimizer, x, y, n=n, precision=t.precision,
+                                  channels_last=t.channels_last, world=replicas.world)
+        pending.append((loss, errors, n))
+        run.position = {"epoch": epoch, "batch": k + 1, "step": run.position["step"] + 1, "sums": sums}
+        images_this_run += n
+        if run.plan is not None and (run.position["step"] in (1, 1 + run.plan.steps) or k + 1 == per_epoch):
+            loss.item()  # the step is done (a GPU's queue drained) before the clock is read
+            if run.position["step"] == 1 and k + 1 < per_epoch:
+                probe = (time.perf_counter(), images_this_run)  # after the warm-up step
+            else:
+                began, before = probe  # (an epoch of one batch: timed from the epoch's start)
+                rate = (images_this_run - before) / (time.perf_counter() - began)
+                config, record = run.plan.choose(rate, images_this_run, config)
+                run.config, t, run.plan = config, config.train, None
+                run.last_epoch = t.epochs if run.max_epochs is None else min(t.epochs, run.max_epochs)
+                run.folder.amend({"plan": record, "config": runs.config_dict(config)})
+        if not (run.position["step"] % read_every == 0 or k + 1 == per_epoch or interrupt.requested):
+            continue
+        stop = _read_back(pending, sums, run.guard, replicas, run.position["step"], lr, interrupt.requested)
+        now = time.time()
+        if now - last_print >= 10 or k + 1 == per_epoch:
+            rate = images_this_run / (now - start)
+            left = (per_epoch - k - 1) * t.batch_size / rate
+            left += (run.last_epoch - epoch - 1) * per_epoch * t.batch_size / rate
+            log(f"epoch {epoch + 1}/{t.epochs} step {k + 1}/{per_epoch} "
+                f"loss {sums['loss'] / sums['images']:.4f} ε {lr:g} {rate:.0f} img/s "
+                f"ETA {_duration(left)}")
+            last_print = now
+        if stop:
+            sums["seconds"] += time.time() - start
+            run.save(run.position)
+            replicas.barrier()  # torchrun stops the job when one rank exits: not before the save
+            launcher = "torchrun [its options] -m" if replicas.started else "python -m"
+            log(f"interrupted: checkpoint at epoch {epoch + 1}, batch {k + 1}; continue with "
+                f"{launcher} reproduction.train --resume --out {run.folder.path}")
+            raise KeyboardInterrupt
+    seconds = sums["seconds"] + time.time() - start
+    val = run.last_val = evaluate(run.model, run.val_set, run.stats, config.data, ten_patch=False, **run.eval_kw)
+    if not (math.isfinite(val["loss"]) and math.isfinite(sums["loss"])):
+        raise TrainingStopped(f"epoch {epoch + 1} (ε = {lr:g}) produced a non-finite "
+                              f"{'validation loss' if math.isfinite(sums['loss']) else 'training loss'}: "
+                              f"the net's outputs overflowed; nothing of this epoch is recorded. Try a "
+                              f"smaller learning rate (--set lr={lr / 10:g}). {run.guard.checkpoint_note}.")
+    row = {"epoch": epoch, "step": run.position["step"], "lr": lr,
+           "train_loss": sums["loss"] / sums["images"], "train_error": sums["errors"] / sums["images"],
+           "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
+           "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds}
+    run.folder.append(row)
+    run.history.append(row)
+    log(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} error "
+        f"{row['train_error']:.4f} | val top-1 {val['top1_error']:.4f} top-5 "
+        f"{val['top5_error']:.4f} (centre patch) | ε {lr:g} | {_duration(seconds)}")
+    run.position = {"epoch": epoch + 1, "batch": 0, "step": run.position["step"], "sums": _zero_sums()}
+    run.save(run.position)
+    if run.folder.writer and row["val_top1_error"] < min([r["val_top1_error"] for r in run.history[:-1]] or [math.inf]):
+        _save_best(run.folder, row, {"model": run.model.state_dict(), "config": runs.config_dict(config),
+                                     "classes": run.class_ids()})
+
+
+def _finish(run: _Run) -> dict:
+    """The trained net on the val set by both protocols (§4.1: centre patch, ten patches) into
+    final.json; the last epoch's validation in this process is the centre result."""
+    final = final_metrics(run.model, run.val_set, run.stats, run.config.data, centre=run.last_val, **run.eval_kw)
     if not all(math.isfinite(final[p]["loss"]) for p in ("centre", "ten_patch")):
         raise TrainingStopped(f"the final evaluation produced a non-finite loss; no final.json is written. "
-                              f"{guard.checkpoint_note}.")
-    final |= {"experiment": experiment, "epochs": position["epoch"], "steps": position["step"],
-              "seed": t.seed, "data": str(data_dir)}
-    folder.finish(final)
-    log(f"final: centre patch top-1 {final['centre']['top1_error']:.4f} top-5 "
-        f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
-        f"top-5 {final['ten_patch']['top5_error']:.4f} -> {out / 'final.json'}")
+                              f"{run.guard.checkpoint_note}.")
+    final |= {"experiment": run.experiment, "epochs": run.position["epoch"], "steps": run.position["step"],
+              "seed": run.config.train.seed, "data": str(run.data_dir)}
+    run.folder.finish(final)
+    run.log(f"final: centre patch top-1 {final['centre']['top1_error']:.4f} top-5 "
+            f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
+            f"top-5 {final['ten_patch']['top5_error']:.4f} -> {run.folder.path / 'final.json'}")
     return final
 
 

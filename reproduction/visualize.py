@@ -41,6 +41,7 @@ from reproduction.data import (
     upsample,
     view_batch,
 )
+from reproduction.distributed import parse_devices
 from reproduction.errors import UserError, run_cli
 from reproduction.precision import autocast
 from reproduction.runs import (CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint, open_data,
@@ -262,7 +263,6 @@ def run_filters(args: argparse.Namespace) -> int:
 
 
 def run_neighbours(args: argparse.Namespace) -> int:
-    from reproduction.train import parse_devices  # the same placement rule as training
     queries_set, bank_set, stats = open_data(args.data, [args.split, args.bank_split])
     chosen = args.indices if args.indices else query_indices(len(queries_set), args.queries)
     if not all(0 <= i < len(queries_set) for i in chosen):
