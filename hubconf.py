@@ -5,6 +5,11 @@
     model = torch.hub.load("<this checkout>", "alexnet", source="local", weights="runs/x/checkpoint.pt")
     model = torch.hub.load("<this checkout>", "alexnet_caffe", "bvlc_alexnet.caffemodel", source="local")
 
+No weights are shipped. The pretrained net is Caffe's bvlc_alexnet: download
+http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel (sha1 9116a64c0fbe4459d18f4bb6b56d647b63920377,
+BVLC/caffe models/bvlc_alexnet/readme.md) and load it with alexnet_caffe. torchvision's habits,
+weights="DEFAULT", weights=AlexNet_Weights.DEFAULT and pretrained=True, raise a ValueError saying so.
+
 A model loaded with weights is in eval mode and carries `model.weights`, its record: class
 names, mean image, metrics, recipe, licence and `transforms()` (reproduction/weights.py).
 """
@@ -20,7 +25,9 @@ def alexnet(weights=None, **config):
     return _alexnet(weights, **config)
 
 
-def alexnet_caffe(path, **kwargs):
-    """Caffe's bvlc_alexnet from bvlc_alexnet.caffemodel or the TensorFlow ports' bvlc_alexnet.npy
-    (`mean=` Caffe's ilsvrc_2012_mean.npy, `prototxt=` deploy.prototxt to check against); needs protobuf."""
+def alexnet_caffe(path=None, **kwargs):
+    """Caffe's bvlc_alexnet from bvlc_alexnet.caffemodel (http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel,
+    sha1 9116a64c0fbe4459d18f4bb6b56d647b63920377) or the TensorFlow ports' bvlc_alexnet.npy; `mean=`
+    Caffe's ilsvrc_2012_mean.npy (default: its per-channel mean), `prototxt=` deploy.prototxt to check
+    against; needs protobuf."""
     return _alexnet_caffe(path, **kwargs)

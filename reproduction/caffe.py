@@ -4,7 +4,10 @@
     python -m reproduction.caffe bvlc_alexnet.npy --out runs/caffe/checkpoint.pt [--mean ilsvrc_2012_mean.npy]
 
 Reads either file BVLC's net comes as:
-- `bvlc_alexnet.caffemodel` (BVLC's own file, sha1 9116a64c0fbe4459d18f4bb6b56d647b63920377): a
+- `bvlc_alexnet.caffemodel`, BVLC's own file (244 MB) from
+  http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel, sha1
+  9116a64c0fbe4459d18f4bb6b56d647b63920377 (both from BVLC/caffe models/bvlc_alexnet/readme.md;
+  a file with another sha1 is imported with a warning that it is not BVLC's): a
   binary protobuf NetParameter, read with the `protobuf` package through the few messages that
   reproduction/caffe_proto.py declares (no Caffe, no protoc). Its layer list is checked against
   AlexNet's (order, types, kernel sizes, strides, pads, groups, LRN and pooling settings): a file
@@ -43,8 +46,10 @@ The mapping from the ports' layout, layer by layer (each checked numerically in 
 - Caffe's norm1/norm2 each normalise all 96/256 maps at once, so the windows of maps 46–49
   (norm1) and 126–129 (norm2) span both groups, where the paper's two GPUs normalised their own
   maps: the imported config sets lrn_scope="all".
-- The mean: Caffe's ilsvrc_2012_mean.npy (BGR, 0–255, 3×256×256) reversed to RGB. Caffe's data
-  layer subtracts it at the crop's offset and mirrors it with the crop: DataConfig mean="offset".
+- The mean: with `--mean`, Caffe's ilsvrc_2012_mean.npy (BGR, 0–255, 3×256×256) reversed to RGB.
+  Caffe's data layer subtracts it at the crop's offset and mirrors it with the crop: DataConfig
+  mean="offset". Without it, that image's per-channel mean (BGR 104.00698793, 116.66876762,
+  122.67891434) as a constant image: no file to fetch, a small departure (README, Departures).
   No lighting statistics come with it (bvlc_alexnet was trained without relighting): eigval 0.
 """
 
@@ -54,6 +59,7 @@ import argparse
 import dataclasses
 import hashlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -66,8 +72,18 @@ from reproduction.errors import UserError, run_cli
 from reproduction.model import AlexNet
 from reproduction.runs import config_dict, save_checkpoint
 
-SHARED_MEAN = (Path(__file__).resolve().parents[2] / "shared" / "data" / "constants" / "ilsvrc_2012_mean.npy")
-BVLC_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"  # models/bvlc_alexnet/readme.md
+# BVLC/caffe models/bvlc_alexnet/readme.md: caffemodel_url and sha1.
+BVLC_URL = "http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel"
+BVLC_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"
+# Said by every error about the weights file: a missing or cut-short download is the likely cause.
+WHERE_FROM = f"BVLC's bvlc_alexnet.caffemodel is at {BVLC_URL}, sha1 {BVLC_SHA1}"
+# DEVIATION(§2): with no mean file, Caffe's per-channel ImageNet mean (the channel means of
+# python/caffe/imagenet/ilsvrc_2012_mean.npy, BGR) stands in for the 256×256 mean image that
+# bvlc_alexnet was trained and deployed with. We ship no data file; in the centre crop's 227×227
+# the image differs from its channel means by 4.6 on average, 13.9 at most (0–255; README, Departures).
+CAFFE_CHANNEL_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+CHANNEL_MEAN_SOURCE = ("Caffe's per-channel ImageNet mean, BGR 104.00698793, 116.66876762, 122.67891434 "
+                       "(no mean file given; bvlc_alexnet was trained with the mean image ilsvrc_2012_mean.npy)")
 
 # Caffe's arithmetic (BVLC/caffe models/bvlc_alexnet/deploy.prototxt); everything else the paper's.
 CAFFE = RunConfig(model=AlexNetConfig(input_size=227, lrn="code", lrn_k=1.0, lrn_scope="all"),
@@ -146,7 +162,11 @@ def read_caffemodel(path: str | Path, prototxt: str | Path | None = None) -> dic
     """A .caffemodel's conv1..fc8 in the ports' layout (see the module docstring), its layer list
     checked against AlexNet's and, if given, against the deploy prototxt's."""
     path = Path(path)
-    matched = check_alexnet(caffe_proto.read_net(caffe_proto.parse_caffemodel(path), path), path)
+    try:
+        net = caffe_proto.parse_caffemodel(path)
+    except ValueError as e:  # most often a download cut short
+        raise ValueError(f"{e}; {WHERE_FROM}: download it again and check its sha1") from None
+    matched = check_alexnet(caffe_proto.read_net(net, path), path)
     layers = {}
     for name, shape in SHAPES.items():
         layer = matched[name]
@@ -217,16 +237,19 @@ def read_npy(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def read_weights(path: str | Path, prototxt: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Either file, told apart by its first bytes (a .npy starts with \\x93NUMPY)."""
+def read_weights(path: str | Path, prototxt: str | Path | None = None, *,
+                 prototxt_arg: str = "prototxt=") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Either file, told apart by its first bytes (a .npy starts with \\x93NUMPY). prototxt_arg:
+    how the caller names the prototxt in its errors (the CLI: --prototxt)."""
     try:
         is_npy = _is_npy(Path(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no file at {path}") from None
+        raise FileNotFoundError(f"no file at {path}; {WHERE_FROM} (or give the TensorFlow ports' "
+                                f"bvlc_alexnet.npy)") from None
     if is_npy:
         if prototxt is not None:
-            raise ValueError(f"--prototxt checks a .caffemodel; {path} is the ports' .npy (its layer settings "
-                             f"are not in the file)")
+            raise ValueError(f"{prototxt_arg} checks a .caffemodel; {path} is the ports' .npy (its layer "
+                             f"settings are not in the file): leave {prototxt_arg} out")
         return read_npy(path)
     return read_caffemodel(path, prototxt)
 
@@ -250,10 +273,13 @@ def caffe_state_dict(layers: Mapping[str, tuple[np.ndarray, np.ndarray]], *, dro
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
 
 
-def caffe_net(weights: str | Path, *, prototxt: str | Path | None = None) -> tuple[AlexNet, RunConfig, dict]:
-    """The imported net (eval mode), its config (CAFFE with fc8's width) and where it came from."""
+def caffe_net(weights: str | Path, *, prototxt: str | Path | None = None,
+              prototxt_arg: str = "prototxt=") -> tuple[AlexNet, RunConfig, dict]:
+    """The imported net (eval mode), its config (CAFFE with fc8's width) and where it came from.
+    A .caffemodel whose sha1 is not BVLC's is imported (a fine-tuned or re-saved copy has the same
+    layers) with a UserWarning saying so; its record then carries neither BVLC's licence nor figures."""
     weights = Path(weights)
-    layers = read_weights(weights, prototxt)
+    layers = read_weights(weights, prototxt, prototxt_arg=prototxt_arg)
     num_classes = layers["fc8"][0].shape[1]
     config = dataclasses.replace(CAFFE, model=dataclasses.replace(CAFFE.model, num_classes=num_classes))
     model = AlexNet(config.model)
@@ -264,36 +290,55 @@ def caffe_net(weights: str | Path, *, prototxt: str | Path | None = None) -> tup
               "weights_sha256": sha256, "prototxt": None if prototxt is None else str(prototxt),
               # the .npy is a conversion: its bytes say nothing of which .caffemodel it came from
               "bvlc_alexnet": None if is_npy else sha1 == BVLC_SHA1, "importer": "reproduction.caffe"}
+    if source["bvlc_alexnet"] is False:
+        warnings.warn(f"{weights}: sha1 {sha1} is not that of BVLC's bvlc_alexnet.caffemodel ({BVLC_SHA1}, "
+                      f"{BVLC_URL}); imported as a net with AlexNet's layers, but BVLC's licence and figures "
+                      f"do not apply (re-download the file if it should be BVLC's)", UserWarning, stacklevel=3)
     return model.eval(), config, source
 
 
-def import_caffe(weights: str | Path, out: str | Path, *, mean: str | Path = SHARED_MEAN,
-                 prototxt: str | Path | None = None) -> tuple[AlexNet, dict]:
-    """Write `out` (our checkpoint) and `stats.npz` beside it; return the imported net and its source."""
+def import_caffe(weights: str | Path, out: str | Path, *, mean: str | Path | None = None,
+                 prototxt: str | Path | None = None, args: tuple[str, str] = ("mean=", "prototxt=")
+                 ) -> tuple[AlexNet, dict]:
+    """Write `out` (our checkpoint) and `stats.npz` beside it; return the imported net and its source.
+    mean: Caffe's ilsvrc_2012_mean.npy, or None for its per-channel mean (CAFFE_CHANNEL_MEAN_BGR).
+    args: how the caller names mean and prototxt in its errors (the CLI: --mean, --prototxt)."""
     out = Path(out)
-    rgb_mean = caffe_mean_rgb(mean)  # before the long read: a missing mean fails at once
-    model, config, source = caffe_net(weights, prototxt=prototxt)
-    source["mean"] = str(mean)
+    rgb_mean = caffe_mean_rgb(mean, arg=args[0])  # before the long read: a missing mean fails at once
+    model, config, source = caffe_net(weights, prototxt=prototxt, prototxt_arg=args[1])
+    source["mean"] = mean_source(mean)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, {"model": model.state_dict(), "optimizer": None, "position": None,
                           "config": config_dict(config), "epoch": 0, "source": source})
     np.savez(out.parent / "stats.npz", mean=rgb_mean, rgb_cov=np.zeros((3, 3)), eigval=np.zeros(3),
-             eigvec=np.eye(3), count=0, source=f"caffe {Path(mean).name}, BGR reversed to RGB")
+             eigvec=np.eye(3), count=0, source=mean_source(mean))
     return model, source
 
 
-def caffe_mean_rgb(path: str | Path) -> np.ndarray:
-    """Caffe's mean image (BGR, 0–255, 3×256×256) as float32 RGB."""
+def caffe_mean_rgb(path: str | Path | None, *, arg: str = "mean=") -> np.ndarray:
+    """Caffe's mean image (BGR, 0–255, 3×256×256) as float32 RGB; for path None, its per-channel
+    mean as a 3×256×256 image (DEVIATION(§2), see CAFFE_CHANNEL_MEAN_BGR). arg: how the caller
+    names the mean in its errors (the Python API: mean=; the CLI: --mean)."""
+    if path is None:
+        rgb = np.array(CAFFE_CHANNEL_MEAN_BGR[::-1], dtype=np.float32)
+        return np.ascontiguousarray(np.broadcast_to(rgb[:, None, None], (3, 256, 256)))
+    advice = (f"give {arg} Caffe's python/caffe/imagenet/ilsvrc_2012_mean.npy, or leave {arg} out "
+              f"for Caffe's per-channel mean")
     try:
         mean = np.load(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no mean image at {path}: pass --mean (Caffe's python/caffe/imagenet/"
-                                f"ilsvrc_2012_mean.npy)") from None
+        raise FileNotFoundError(f"{arg} {path}: no such file; {advice}") from None
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a .npy array ({e})") from None
-    if mean.shape != (3, 256, 256):
-        raise ValueError(f"{path}: the mean image must be 3×256×256 (BGR), got {mean.shape}")
+        raise ValueError(f"{arg} {path}: not a .npy array ({e}); {advice}") from None
+    if not isinstance(mean, np.ndarray) or mean.shape != (3, 256, 256):
+        raise ValueError(f"{arg} {path}: the mean image must be 3×256×256 (BGR), got "
+                         f"{getattr(mean, 'shape', type(mean).__name__)}; {advice}")
     return np.ascontiguousarray(mean[::-1], dtype=np.float32)
+
+
+def mean_source(path: str | Path | None) -> str:
+    """Where an import's mean came from, as its record and stats.npz say it."""
+    return CHANNEL_MEAN_SOURCE if path is None else f"{path} (Caffe's mean image, BGR reversed to RGB)"
 
 
 def _is_npy(path: Path) -> bool:
@@ -318,13 +363,15 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduction.caffe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", type=Path, metavar="WEIGHTS",
-                        help="bvlc_alexnet.caffemodel (BVLC's file) or bvlc_alexnet.npy (the TensorFlow ports')")
+                        help=f"bvlc_alexnet.caffemodel (BVLC's file: {BVLC_URL}, sha1 {BVLC_SHA1}) or "
+                             "bvlc_alexnet.npy (the TensorFlow ports')")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write (stats.npz goes beside it)")
     parser.add_argument("--prototxt", type=Path,
                         help="deploy.prototxt: check its layers, LRN/pooling settings and input size against "
                              "what the import assumes (.caffemodel only)")
-    parser.add_argument("--mean", type=Path, default=SHARED_MEAN,
-                        help="Caffe's ilsvrc_2012_mean.npy (default %(default)s)")
+    parser.add_argument("--mean", type=Path, default=None,
+                        help="Caffe's mean image, python/caffe/imagenet/ilsvrc_2012_mean.npy (default: its "
+                             "per-channel mean, BGR 104.01, 116.67, 122.68; a departure, see README)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing checkpoint or stats.npz at --out (default: refuse)")
     args = parser.parse_args(argv)
@@ -337,15 +384,19 @@ def _main(argv: Sequence[str] | None) -> int:
                         "folder, or pass --force to replace them")
     print(f"reading {args.weights} ...", flush=True)
     try:
-        model, source = import_caffe(args.weights, args.out, mean=args.mean, prototxt=args.prototxt)
+        with warnings.catch_warnings():  # the sha1 is said in the summary line below
+            warnings.simplefilter("ignore", UserWarning)
+            model, source = import_caffe(args.weights, args.out, mean=args.mean, prototxt=args.prototxt,
+                                         args=("--mean", "--prototxt"))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{e}") from None
     known = {True: f"BVLC's bvlc_alexnet.caffemodel (sha1 {BVLC_SHA1})", None: "a .npy conversion",
-             False: f"not BVLC's own file (sha1 {source['weights_sha1']})"}[source["bvlc_alexnet"]]
+             False: f"not BVLC's own file: sha1 {source['weights_sha1']}, BVLC's is {BVLC_SHA1}; BVLC's "
+                    f"licence and figures do not apply"}[source["bvlc_alexnet"]]
     checked = f", layers checked against {args.prototxt}" if args.prototxt else ""
     print(f"{args.weights} ({known}{checked}) -> {args.out} ({model.config.num_classes} classes, 227×227 RGB "
           f"input, LRN k=1, fc7/fc8 weights ×2 for §4.2 dropout) and {args.out.parent / 'stats.npz'} "
-          f"(Caffe's mean, RGB)")
+          f"(mean: {source['mean']})")
     return 0
 
 

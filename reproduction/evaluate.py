@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from reproduction.config import DataConfig
-from reproduction.data import PackedSet, Stats, average_softmax, eval_batches
+from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, num_batches
 from reproduction.distributed import Distributed
 from reproduction.errors import UserError, run_cli
 from reproduction.precision import autocast
@@ -127,20 +127,44 @@ def model_changes(config) -> dict:
             if k != "num_classes" and v != getattr(PAPER, k)}
 
 
-def write_predictions(path: Path, dataset: PackedSet, top5: Tensor) -> str:
+def submission_ids(dataset: PackedSet) -> list[int]:
+    """Each class's 1-based ILSVRC20xx_ID, which the challenge's submission format uses; a set
+    without them (not prepared from an ILSVRC devkit) is refused: its ids would be guesses."""
+    missing = [c["id"] for c in dataset.classes if "ilsvrc_id" not in c]
+    if missing:
+        raise ValueError(f"--predictions needs the challenge's class ids, and {dataset.root / 'manifest.json'} "
+                         f"has no ilsvrc_id for {len(missing)} of its {len(dataset.classes)} classes (e.g. "
+                         f"{missing[0]}); prepare the set from the ILSVRC devkit (python -m data_prep "
+                         f"ilsvrc2010/ilsvrc2012, which records them) or drop --predictions")
+    return [int(c["ilsvrc_id"]) for c in dataset.classes]
+
+
+def write_predictions(path: Path, dataset: PackedSet, top5: Sequence[Tensor], *, batch_size: int) -> str:
     """The challenge's submission format: one line per image in file-name order, its five best
-    classes as the dataset's own 1-based ids (ILSVRC20xx_ID), best first. Returns the id kind."""
-    names = (dataset.root / f"{dataset.split}.names.txt").read_text().splitlines()
-    if len(names) != len(top5):
-        raise ValueError(f"{dataset.root}/{dataset.split}.names.txt has {len(names)} names for "
-                         f"{len(top5)} images")
-    has_ids = all("ilsvrc_id" in c for c in dataset.classes)
-    ids = [c["ilsvrc_id"] if has_ids else c["index"] + 1 for c in dataset.classes]
-    order = sorted(range(len(names)), key=lambda i: Path(names[i]).name)
-    lines = (" ".join(str(ids[k]) for k in top5[i].tolist()) for i in order)
+    classes as the dataset's own 1-based ids (ILSVRC20xx_ID), best first. top5: evaluate's
+    per-batch top-5 indices, in stored order. Nothing is written unless every image of the split
+    was predicted exactly once, in stored order (batch k holding images k·batch_size onwards):
+    one skipped image would shift every later line. Returns the id kind."""
+    ids = submission_ids(dataset)
+    n = len(dataset)
+    sizes = [len(b) for b in top5]
+    expected = [min(batch_size, n - k * batch_size) for k in range(num_batches(n, batch_size))]
+    if sizes != expected:
+        raise ValueError(f"predictions for {sum(sizes)} images in {len(sizes)} batches, where the {dataset.split} "
+                         f"split of {dataset.root} has {n} images in {len(expected)} batches of {batch_size}: "
+                         f"not every image exactly once, in order; nothing written to {path}")
+    names_file = dataset.root / f"{dataset.split}.names.txt"
+    names = names_file.read_text().splitlines()
+    files = [Path(name).name for name in names]
+    if len(names) != n or len(set(files)) != n:
+        raise ValueError(f"{names_file} has {len(names)} names ({len(set(files))} distinct file names) for the "
+                         f"split's {n} images: the lines cannot be put in file-name order; re-prepare the set")
+    rows = torch.cat(list(top5))
+    order = sorted(range(n), key=lambda i: files[i])
+    lines = (" ".join(str(ids[k]) for k in rows[i].tolist()) for i in order)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))
-    return "the manifest's ilsvrc_id" if has_ids else "class index + 1 (the manifest has no ilsvrc_id)"
+    return "the manifest's ilsvrc_id"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,7 +193,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predictions", type=Path, default=None, metavar="FILE",
                         help="also write each image's top-5 classes (ten patches) in the challenge's "
                              "submission format: one line per image in file-name order, five "
-                             "1-based ILSVRC20xx_IDs, best first")
+                             "1-based ILSVRC20xx_IDs, best first (the set must record them: data_prep "
+                             "ilsvrc2010/ilsvrc2012; refused otherwise, and unless every image was "
+                             "predicted once)")
     args = parser.parse_args(argv)
     if len(args.checkpoint) > 1 and args.output is None:
         parser.error("an ensemble's result belongs to no single run: give --output FILE")
@@ -182,6 +208,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     dataset, stats = open_data(args.data, [args.split])
     try:
         class_check(states, args.checkpoint, dataset)
+        if args.predictions is not None:
+            submission_ids(dataset)  # refused before the evaluation, not after it
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(str(e)) from None
     models, configs = [], []
@@ -205,7 +233,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                # what the report needs to place the result in Table 1 / 2 (issue 17)
                "dataset": dataset.manifest.get("dataset"), "architectures": [model_changes(c) for c in configs]}
     if args.predictions is not None:
-        kind = write_predictions(args.predictions, dataset, torch.cat(top5))
+        try:
+            kind = write_predictions(args.predictions, dataset, top5, batch_size=args.batch_size)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from None
         result["predictions"] = {"path": str(args.predictions), "ids": kind, "patches": 10}
     write_json(output, result)
     print(json.dumps(result, indent=2))

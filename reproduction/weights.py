@@ -26,6 +26,8 @@ the mean as the net was trained (DataConfig.mean); `ten_patch=True` gives §4.1'
 from __future__ import annotations
 
 import dataclasses
+import enum
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.transforms.functional import convert_image_dtype
 
 from data_prep.image import resize_center_crop, to_rgb
 from reproduction.config import PAPER, AlexNetConfig, DataConfig, RunConfig
@@ -81,20 +84,27 @@ class Weights:
     selection: str | None = None   # how this checkpoint was chosen among a run's (best.pt)
 
     def transforms(self, *, ten_patch: bool = False) -> "TestTransform":
-        """§2/§4.1's test view(s) of a PIL image or a uint8 C×H×W tensor, mean-centred."""
+        """§2/§4.1's test view(s), mean-centred, of what torchvision's ImageClassification presets
+        take: a PIL image, or a C×H×W or B×C×H×W tensor, uint8 (0–255) or float (0–1)."""
         return TestTransform(self.mean, self.config.data, image_size=self.image_size, ten_patch=ten_patch)
 
     @property
     def meta(self) -> dict:
-        """Everything but the tensors, as JSON-ready values."""
+        """Everything but the tensors, as JSON-ready values; `categories` is `classes` under
+        torchvision's key (meta["categories"][i] names output i)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("mean", "config")}
-        return out | {"config": dataclasses.asdict(self.config), "num_classes": len(self.classes)}
+        return out | {"config": dataclasses.asdict(self.config), "num_classes": len(self.classes),
+                      "categories": list(self.classes)}
 
 
 class TestTransform:
     """Image → float32 3×crop×crop test view (10×3×crop×crop with ten_patch), as predict and
-    evaluate make them. A uint8 3×S×S tensor with S = image_size is taken as already prepared
-    (what predict.load_image returns); any other image goes through §2's rescale and crop."""
+    evaluate make them. Takes what torchvision's ImageClassification takes: a PIL image, or a
+    tensor C×H×W or with leading batch dimensions (B×C×H×W → B×3×crop×crop, B×10×... with
+    ten_patch), uint8 0–255 or float 0–1 (converted to uint8 as torchvision converts, exact for
+    k/255; the net was trained on uint8 JPEG pixels). A uint8 3×S×S tensor with S = image_size
+    is taken as already prepared (what predict.load_image returns); any other image goes
+    through §2's rescale and crop."""
 
     def __init__(self, mean: Tensor, config: DataConfig, *, image_size: int = SIDE, ten_patch: bool = False):
         self.mean, self.config, self.image_size, self.ten_patch = mean, config, image_size, ten_patch
@@ -102,6 +112,12 @@ class TestTransform:
         self.offsets = offsets if ten_patch else offsets[4:5]  # the centre
 
     def __call__(self, image: Image.Image | Tensor | np.ndarray) -> Tensor:
+        if isinstance(image, Tensor) and image.dim() > 3:  # ...×C×H×W: each image on its own
+            flat = image.reshape(-1, *image.shape[-3:])
+            if not len(flat):
+                raise ValueError(f"expected at least one image, got a tensor of shape {tuple(image.shape)}")
+            out = torch.stack([self(x) for x in flat])
+            return out.reshape(*image.shape[:-3], *out.shape[1:])
         x = self.prepare(image)
         n = len(self.offsets)
         top, left, flip = (torch.tensor(v) for v in zip(*self.offsets))
@@ -111,9 +127,17 @@ class TestTransform:
     def prepare(self, image: Image.Image | Tensor | np.ndarray) -> Tensor:
         """§2: uint8 3×S×S RGB, S = image_size."""
         if isinstance(image, Tensor):
-            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
-                raise ValueError(f"expected a uint8 C×H×W image tensor (C = 1 or 3, 0–255), got "
-                                 f"{image.dtype} {tuple(image.shape)}")
+            if image.dim() != 3 or image.shape[0] not in (1, 3) or image.dtype == torch.bool or image.is_complex():
+                raise ValueError(f"expected an image tensor C×H×W or B×C×H×W (C = 1 or 3), uint8 0–255 or "
+                                 f"float 0–1, got {image.dtype} {tuple(image.shape)}")
+            if image.is_floating_point():
+                lo, hi = (image.min().item(), image.max().item()) if image.numel() else (0.0, 0.0)
+                if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too; torchvision's presets do not check
+                    raise ValueError(f"a float image tensor must hold 0–1 (torchvision's convention), got "
+                                     f"{lo:.4g}…{hi:.4g}; divide 0–255 values by 255 or pass a uint8 tensor")
+            if image.dtype != torch.uint8:
+                image = convert_image_dtype(image.cpu(), torch.uint8)  # torchvision's own conversion
+            image = image.cpu()
             if tuple(image.shape) == (3, self.image_size, self.image_size):
                 return image
             image = image.permute(1, 2, 0).numpy()
@@ -131,13 +155,43 @@ class TestTransform:
 
 # ----------------------------------------------------------------------------- the builder
 
+def no_pretrained(habit: str) -> ValueError:
+    """What torchvision's and Caffe users try first (weights="DEFAULT", pretrained=True,
+    AlexNet_Weights.DEFAULT) has no meaning here: say where pretrained weights come from."""
+    from reproduction.caffe import BVLC_SHA1, BVLC_URL
+    return ValueError(
+        f"alexnet({habit}): this project ships no weights, and torchvision's AlexNet_Weights belong to its "
+        f"own, different net (the 'One weird trick' variant). For pretrained weights of the paper's net use "
+        f"Caffe's bvlc_alexnet: download {BVLC_URL} (sha1 {BVLC_SHA1}) and call "
+        f"reproduction.alexnet_caffe(\"bvlc_alexnet.caffemodel\") (torch.hub: torch.hub.load(repo, "
+        f"\"alexnet_caffe\", \"bvlc_alexnet.caffemodel\")); weights= takes a checkpoint file of this project")
+
+
+def _torchvision_habit(weights: Any, config: dict) -> str | None:
+    """How a torchvision-style request was spelled, or None for a plain call."""
+    if config.get("pretrained"):
+        return f"pretrained={config['pretrained']!r}"
+    if isinstance(weights, enum.Enum):  # torchvision's WeightsEnum, e.g. AlexNet_Weights.DEFAULT
+        return f"weights={type(weights).__name__}.{weights.name}"
+    # a weights name as torchvision spells them ("DEFAULT", "IMAGENET1K_V1"), not a file
+    if isinstance(weights, str) and re.fullmatch(r"[A-Z][A-Z0-9_]*", weights) and not Path(weights).exists():
+        return f"weights={weights!r}"
+    return None
+
+
 def alexnet(weights: str | Path | None = None, *, devices=None, stats: str | Path | None = None,
             data: str | Path | None = None, **config: Any) -> AlexNet:
     """The paper's net (AlexNetConfig's defaults, any field overridden by keyword), freshly
     initialised (§5); or, with `weights` (a checkpoint of this project, trained or imported),
     that net in eval mode with its record as `model.weights`. stats/data: where its mean image
     and class names are, when not beside the checkpoint or in its run's config.json (see
-    reproduction.predict)."""
+    reproduction.predict). torchvision's weights="DEFAULT", weights=AlexNet_Weights.DEFAULT
+    and pretrained=True raise a ValueError pointing to alexnet_caffe (Caffe's bvlc_alexnet)."""
+    habit = _torchvision_habit(weights, config)
+    if habit is not None:
+        raise no_pretrained(habit)
+    if config.get("pretrained", True) is False:
+        del config["pretrained"]  # torchvision's spelling of weights=None
     if weights is None:
         fields = {f.name for f in dataclasses.fields(AlexNetConfig)}
         unknown = sorted(set(config) - fields)
@@ -286,22 +340,24 @@ def _run_data(checkpoint: Path) -> Path | None:
     return Path(path) if path else None
 
 
-def alexnet_caffe(path: str | Path, *, mean: str | Path | None = None, prototxt: str | Path | None = None,
-                  devices=None) -> AlexNet:
+def alexnet_caffe(path: str | Path | None = None, *, mean: str | Path | None = None,
+                  prototxt: str | Path | None = None, devices=None) -> AlexNet:
     """Caffe's bvlc_alexnet from its .caffemodel (or the ports' .npy), imported in memory as
-    `python -m reproduction.caffe` imports it (eval mode, `model.weights` its record). mean:
-    Caffe's ilsvrc_2012_mean.npy (default: ../shared/data/constants/ilsvrc_2012_mean.npy)."""
+    `python -m reproduction.caffe` imports it (eval mode, `model.weights` its record). BVLC's
+    file: reproduction.caffe.BVLC_URL, sha1 BVLC_SHA1; another sha1 is imported with a
+    UserWarning. mean: Caffe's ilsvrc_2012_mean.npy; None (the default) uses its per-channel
+    mean, so that no file beyond the weights is needed (DEVIATION(§2), see reproduction.caffe).
+    Raises FileNotFoundError or ValueError naming the file and the argument."""
     from reproduction import caffe  # protobuf is needed only here
-    mean = caffe.SHARED_MEAN if mean is None else Path(mean)
-    try:
-        rgb_mean = torch.from_numpy(caffe.caffe_mean_rgb(mean))
-        model, config, source = caffe.caffe_net(path, prototxt=prototxt)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{e}") from None
+    if path is None:
+        raise ValueError(f"alexnet_caffe(path): give the path of bvlc_alexnet.caffemodel, downloaded from "
+                         f"{caffe.BVLC_URL} (sha1 {caffe.BVLC_SHA1}), or of the TensorFlow ports' bvlc_alexnet.npy")
+    rgb_mean = torch.from_numpy(caffe.caffe_mean_rgb(mean, arg="mean="))
+    model, config, source = caffe.caffe_net(path, prototxt=prototxt, prototxt_arg="prototxt=")
     n = config.model.num_classes
     classes = class_names(None, n) if n == 1000 else [str(i) for i in range(n)]  # a fine-tuned file names none
-    record = Weights(str(path), config, classes, rgb_mean, f"{mean} (Caffe's BGR mean, reversed to RGB)", SIDE, [],
-                     BVLC["recipe"], caffe_licence(source), reported=BVLC["reported"], source=source | {"mean": str(mean)})
+    record = Weights(str(path), config, classes, rgb_mean, caffe.mean_source(mean), SIDE, [], BVLC["recipe"],
+                     caffe_licence(source), reported=BVLC["reported"], source=source | {"mean": caffe.mean_source(mean)})
     if devices is not None:
         placed = AlexNet(config.model, devices=devices)
         placed.load_state_dict(model.state_dict())

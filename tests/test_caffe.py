@@ -6,7 +6,9 @@ Caffe's net computed in Caffe's own layout (OIHW, BGR, NCHW flatten)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 
 import caffe_wire
 import reproduction
-from reproduction.caffe import SHAPES, caffe_mean_rgb, check_prototxt, main, read_npy
+from reproduction.caffe import (BVLC_SHA1, BVLC_URL, CAFFE_CHANNEL_MEAN_BGR, SHAPES, caffe_mean_rgb, check_prototxt,
+                               main, read_npy)
 from reproduction.data import load_stats
 from reproduction.runs import load_checkpoint, model_from_checkpoint
 from reproduction.weights import BVLC
@@ -176,6 +179,43 @@ def test_the_real_caffe_mean_is_read(shared_data):
     assert np.allclose(mean.mean(axis=(1, 2)), [122.68, 116.67, 104.01], atol=0.01)
 
 
+def test_the_default_mean_is_the_mean_images_channel_means(shared_data):
+    """CAFFE_CHANNEL_MEAN_BGR (used when no mean file is given) is what Caffe's own mean image
+    averages to, channel by channel."""
+    image = np.load(shared_data / "constants" / "ilsvrc_2012_mean.npy").astype(np.float64)
+    assert np.allclose(image.mean(axis=(1, 2)), CAFFE_CHANNEL_MEAN_BGR, rtol=0, atol=1e-6)
+    default = caffe_mean_rgb(None)
+    assert default.shape == (3, 256, 256) and default.dtype == np.float32
+    assert np.array_equal(default[:, 0, 0], np.float32(CAFFE_CHANNEL_MEAN_BGR[::-1]))
+    # the size of the departure as caffe.py's comment and README's Departures state it: the centre crop
+    off = (256 - 227) // 2
+    gap = np.abs(image - image.mean(axis=(1, 2), keepdims=True))[:, off:off + 227, off:off + 227]
+    assert round(gap.mean(), 1) == 4.6 and round(gap.max(), 1) == 13.9
+
+
+def test_the_cli_needs_no_mean_file_and_its_errors_name_flags(imported, tmp_path, capsys):
+    _, _, _, _, root = imported
+    assert main([str(root / "bvlc_alexnet.npy"), "--out", str(tmp_path / "c" / "checkpoint.pt")]) == 0
+    assert "per-channel" in capsys.readouterr().out
+    stats = load_stats(tmp_path / "c")
+    assert torch.equal(stats.mean, torch.from_numpy(caffe_mean_rgb(None)))
+    assert "per-channel" in str(np.load(tmp_path / "c" / "stats.npz")["source"])
+    assert main([str(root / "bvlc_alexnet.npy"), "--out", str(tmp_path / "d" / "checkpoint.pt"),
+                 "--mean", str(tmp_path / "absent.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --mean ") and "leave --mean out" in err and "mean=" not in err.replace("--mean", "")
+    assert main([str(root / "bvlc_alexnet.npy"), "--out", str(tmp_path / "e" / "checkpoint.pt"),
+                 "--prototxt", str(tmp_path / "deploy.prototxt")]) == 2
+    assert "leave --prototxt out" in capsys.readouterr().err
+
+
+def test_help_says_where_bvlcs_file_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert BVLC_URL in out and BVLC_SHA1 in out and "--mean" in out
+
+
 def test_bad_files_get_clear_errors(tmp_path):
     np.save(tmp_path / "short.npy", {"conv1": [np.zeros((11, 11, 3, 96)), np.zeros(96)]}, allow_pickle=True)
     with pytest.raises(ValueError, match="no layer"):
@@ -208,12 +248,13 @@ def caffemodels(tmp_path_factory):
     nets, sources = {}, {}
     for kind, path in files.items():
         extra = ["--prototxt", str(root / "deploy.prototxt")] if kind == "current" else []
-        assert main([str(path), "--out", str(root / kind / "checkpoint.pt"), "--mean", str(root / "mean.npy"),
-                     *extra]) == 0
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            assert main([str(path), "--out", str(root / kind / "checkpoint.pt"), "--mean", str(root / "mean.npy"),
+                         *extra]) == 0
         state = load_checkpoint(root / kind / "checkpoint.pt")
         nets[kind] = model_from_checkpoint(state)[0].eval()
         sources[kind] = state["source"] | {"sha1_here": hashlib.sha1(path.read_bytes()).hexdigest(),
-                                           "checkpoint": root / kind / "checkpoint.pt"}
+                                           "checkpoint": root / kind / "checkpoint.pt", "said": said.getvalue()}
     for kind in ("v1", "current"):
         files[kind].unlink()  # 244 MB each
     return blobs, nets, sources
@@ -280,6 +321,7 @@ def test_the_checkpoint_says_where_it_came_from(caffemodels):
         s = sources[kind]
         assert s["format"] == "caffemodel" and s["weights_sha1"] == s["sha1_here"]
         assert s["bvlc_alexnet"] is False  # random weights: not BVLC's sha1
+        assert f"not BVLC's own file: sha1 {s['weights_sha1']}, BVLC's is {BVLC_SHA1}" in s["said"]
     assert sources["current"]["prototxt"].endswith("deploy.prototxt")
     assert sources["npy"]["format"] == "npy" and sources["npy"]["bvlc_alexnet"] is None
 
@@ -410,3 +452,17 @@ def test_the_deploy_prototxt_is_checked_in_both_formats(tmp_path):
     (tmp_path / "garbage").write_text("layer { name: conv1 }}")
     with pytest.raises(ValueError, match="not a Caffe net definition in protobuf text format"):
         check_prototxt(tmp_path / "garbage", num_classes=1000)
+
+
+def test_a_missing_or_cut_short_caffemodel_says_where_bvlcs_file_is(tmp_path, capsys):
+    """The likely causes, no download yet or one cut short, get BVLC's URL and sha1."""
+    caffe_wire.write_caffemodel(tmp_path / "net.caffemodel", small_blobs(), v1=True)
+    whole = (tmp_path / "net.caffemodel").read_bytes()
+    (tmp_path / "cut.caffemodel").write_bytes(whole[: len(whole) - 7])  # a download stopped early
+    for name, what in [("absent.caffemodel", "no file at"), ("cut.caffemodel", "not a Caffe NetParameter")]:
+        assert main([str(tmp_path / name), "--out", str(tmp_path / "c.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and what in err, err
+        assert BVLC_URL in err and BVLC_SHA1 in err, err
+    with pytest.raises(FileNotFoundError, match=BVLC_SHA1):
+        reproduction.alexnet_caffe(tmp_path / "absent.caffemodel")

@@ -3,24 +3,28 @@ weights record (reproduction/weights.py), Caffe's net in memory, and train.py's 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.models import AlexNet_Weights
 
 import caffe_wire
 import reproduction
 from packing import colour_set
 from reproduction import runs
 from reproduction import train as train_module
-from reproduction.caffe import CAFFE
+from reproduction import caffe as caffe_module
+from reproduction.caffe import BVLC_SHA1, BVLC_URL, CAFFE
 from reproduction.config import RunConfig, override
 from reproduction.data import load_stats
 from reproduction.model import AlexNet
-from reproduction.weights import BEST, BVLC, caffe_licence
+from reproduction.weights import BEST, BVLC, Weights, caffe_licence
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -125,16 +129,25 @@ def test_transforms_are_the_papers_test_pipeline(staged_run):
     assert torch.equal(w.transforms()(torch.from_numpy(pixels).permute(2, 0, 1)), x)  # a tensor: the same
     ten = w.transforms(ten_patch=True)(pil)
     assert ten.shape == (10, 3, 224, 224) and torch.equal(ten[4], x) and torch.equal(ten[9], x.flip(-1))
-    with pytest.raises(ValueError, match="uint8"):
-        w.transforms()(torch.zeros(3, 50, 50))
+    with pytest.raises(ValueError, match="must hold 0–1"):
+        w.transforms()(torch.full((3, 50, 50), 2.0))
 
 
-def test_hub_alexnet_caffe_reads_a_caffemodel_with_bvlcs_record(tmp_path):
+@pytest.fixture(scope="module")
+def caffemodel(tmp_path_factory):
+    """A bvlc_alexnet-shaped .caffemodel of random weights (so not BVLC's sha1), and its blobs."""
+    path = tmp_path_factory.mktemp("caffe") / "bvlc_alexnet.caffemodel"
     blobs = caffe_wire.caffe_blobs(seed=9)
-    caffe_wire.write_caffemodel(tmp_path / "bvlc_alexnet.caffemodel", blobs, v1=True)
+    caffe_wire.write_caffemodel(path, blobs, v1=True)
+    return path, blobs
+
+
+def test_hub_alexnet_caffe_reads_a_caffemodel_with_bvlcs_record(caffemodel, tmp_path):
+    path, blobs = caffemodel
     mean = np.stack([np.full((256, 256), v) for v in (104.0, 117.0, 123.0)])
     np.save(tmp_path / "mean.npy", mean)
-    model = hub("alexnet_caffe", tmp_path / "bvlc_alexnet.caffemodel", mean=tmp_path / "mean.npy")
+    with pytest.warns(UserWarning, match=f"is not that of BVLC's bvlc_alexnet.caffemodel \\({BVLC_SHA1}"):
+        model = hub("alexnet_caffe", path, mean=tmp_path / "mean.npy")
     assert not model.training and model.config == CAFFE.model
     state = model.state_dict()
     assert torch.equal(state["conv2.weight"], torch.from_numpy(blobs["conv2"][0]))
@@ -145,6 +158,92 @@ def test_hub_alexnet_caffe_reads_a_caffemodel_with_bvlcs_record(tmp_path):
     assert len(w.classes) == 1000 and w.metrics == [] and w.reported["centre"]["top1_error"] == 0.429
     assert "not BVLC's bvlc_alexnet.caffemodel" in w.licence  # random weights, another sha1
     assert w.transforms()(Image.new("RGB", (300, 260))).shape == (3, 227, 227)
+
+
+@pytest.mark.parametrize("call", ["weights='DEFAULT'", "weights='IMAGENET1K_V1'", "pretrained=True",
+                                  "weights=AlexNet_Weights.DEFAULT", "builder: weights='DEFAULT'"])
+def test_torchvision_habits_point_to_alexnet_caffe_and_bvlcs_file(call):
+    kwargs = {"weights='DEFAULT'": {"weights": "DEFAULT"}, "weights='IMAGENET1K_V1'": {"weights": "IMAGENET1K_V1"},
+              "pretrained=True": {"pretrained": True}, "weights=AlexNet_Weights.DEFAULT":
+              {"weights": AlexNet_Weights.DEFAULT}, "builder: weights='DEFAULT'": {"weights": "DEFAULT"}}[call]
+    load = reproduction.alexnet if call.startswith("builder") else lambda **kw: hub("alexnet", **kw)
+    with pytest.raises(ValueError) as e:
+        load(**kwargs)
+    message = str(e.value)
+    assert "alexnet_caffe" in message and BVLC_URL in message and BVLC_SHA1 in message, message
+    assert "ships no weights" in message and "--" not in message  # the Python API's words, not flags
+    assert hub("alexnet", pretrained=False).weights is None  # torchvision's spelling of no weights
+    with pytest.raises(ValueError, match=f"downloaded from {BVLC_URL}"):
+        hub("alexnet_caffe")
+
+
+def test_alexnet_caffe_needs_no_mean_file(caffemodel, tmp_path):
+    """From a hub cache there is only the .caffemodel: Caffe's per-channel mean stands in for the
+    mean image (DEVIATION(§2)); a mean file stays an option; errors name Python arguments."""
+    path, _ = caffemodel
+    with pytest.warns(UserWarning, match="not that of BVLC's"):
+        model = hub("alexnet_caffe", path)
+    w = model.weights
+    rgb = torch.tensor([122.67891434, 116.66876762, 104.00698793], dtype=torch.float32)
+    assert w.mean.shape == (3, 256, 256) and torch.equal(w.mean, rgb[:, None, None].expand(3, 256, 256))
+    assert "per-channel" in w.mean_source and "per-channel" in w.source["mean"]
+    assert w.transforms()(Image.new("RGB", (300, 260), (122, 116, 104))).abs().max() < 1.0
+    with pytest.raises(FileNotFoundError) as e:
+        reproduction.alexnet_caffe(path, mean=tmp_path / "absent.npy")
+    assert "mean=" in str(e.value) and "--mean" not in str(e.value)
+    np.save(tmp_path / "ports.npy", {}, allow_pickle=True)
+    with pytest.raises(ValueError) as e:
+        reproduction.alexnet_caffe(tmp_path / "ports.npy", prototxt=tmp_path / "deploy.prototxt")
+    assert "prototxt=" in str(e.value) and "--prototxt" not in str(e.value)
+
+
+def test_bvlcs_own_sha1_gets_no_warning(caffemodel, monkeypatch):
+    path, _ = caffemodel
+    monkeypatch.setattr(caffe_module, "BVLC_SHA1", hashlib.sha1(path.read_bytes()).hexdigest())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = reproduction.alexnet_caffe(path)
+    assert model.weights.source["bvlc_alexnet"] is True and "sha1 matches" in model.weights.licence
+
+
+def record(**fields) -> Weights:
+    """A weights record for a 1000-class net without a checkpoint: the transforms need only this."""
+    base = dict(path=None, config=RunConfig(), classes=[f"class {i}" for i in range(1000)],
+                mean=torch.full((3, 256, 256), 120.0), mean_source="test", image_size=256, metrics=[],
+                recipe="test", licence="test")
+    return Weights(**(base | fields))
+
+
+def test_transforms_take_what_torchvisions_preset_takes():
+    """torchvision's ImageClassification takes PIL images and tensors ...×C×H×W, uint8 0–255 or
+    float 0–1; ours takes the same, and each gives the same leading shape."""
+    theirs, ours, ten = AlexNet_Weights.IMAGENET1K_V1.transforms(), record().transforms(), record().transforms(ten_patch=True)
+    u8 = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 40, 48), dtype=np.uint8))
+    cases = {"PIL": Image.fromarray(u8.permute(1, 2, 0).numpy()), "uint8": u8, "float32": u8 / 255,
+             "float64": u8.double() / 255, "uint8 batch": torch.stack([u8, u8.flip(-1), u8]),
+             "float batch": torch.stack([u8, u8.flip(-1)]) / 255}
+    for name, x in cases.items():
+        a, b = theirs(x), ours(x)
+        assert a.shape[:-3] == b.shape[:-3] and b.shape[-3:] == (3, 224, 224) and b.dtype == torch.float32, name
+        assert ten(x).shape == (*a.shape[:-3], 10, 3, 224, 224), name
+    single = ours(u8)
+    assert torch.equal(ours(u8 / 255), single)  # k/255 converts back to k exactly
+    batch = ours(cases["uint8 batch"])
+    assert torch.equal(batch[0], single) and torch.equal(batch[1], ours(u8.flip(-1)))
+    assert torch.equal(ten(cases["float batch"])[1], ten(u8.flip(-1)))
+    # Where ours is stricter: floats outside 0–1 (a 0–255 float image) would be garbage in both.
+    theirs(u8.float())
+    with pytest.raises(ValueError, match="must hold 0–1.*divide 0–255 values by 255"):
+        ours(u8.float())
+    with pytest.raises(ValueError, match="at least one image"):
+        ours(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_meta_names_the_categories_as_torchvision_does():
+    w = record()
+    assert "categories" in AlexNet_Weights.IMAGENET1K_V1.meta
+    assert w.meta["categories"] == w.classes and len(w.meta["categories"]) == w.meta["num_classes"]
+    json.dumps(w.meta)
 
 
 def test_the_bvlc_licence_is_the_readmes():
