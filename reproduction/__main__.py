@@ -132,16 +132,10 @@ def find_tiny_imagenet(work: Path) -> Path:
 
 
 def find_cifar10(work: Path) -> Path:
-    """../shared/data/cifar10 if present, else torchvision's download (170 MB) into work/."""
-    shared = SHARED / "cifar10"
-    if (shared / "train.tar.gz").is_file():
-        return shared
-    import torchvision
-    root = work / "downloads"
-    print(f"{shared} not found: downloading CIFAR-10 with torchvision into {root}", flush=True)
-    torchvision.datasets.CIFAR10(root, train=True, download=True)
-    torchvision.datasets.CIFAR10(root, train=False, download=True)
-    return root / "cifar-10-batches-py"
+    """../shared/data/cifar10 if present, else torchvision's download (170 MB) into work/downloads;
+    the one finder, shared with reproduction.experiments, lives in reproduction/cifar.py."""
+    from reproduction.cifar import find_cifar10 as find  # torchvision loads only for --dataset cifar10
+    return find(work)
 
 
 # Images per class in each source's train and val splits (what "all" means when shrinking).

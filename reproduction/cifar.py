@@ -28,6 +28,7 @@ import dataclasses
 import io
 import json
 import math
+import pickle
 import tarfile
 import time
 from pathlib import Path
@@ -38,13 +39,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from data_prep.pack import sha256_file
 from reproduction.config import CifarConfig
 from reproduction.errors import UserError, reading
 from reproduction.optim import PaperSGD, fixed_schedule_lr
-from reproduction.report import mean_sd
 from reproduction.runs import append_metrics, environment, git_state, read_json, read_metrics, write_json
+from reproduction.stats import epochs_to, error_curve, mean_sd, sd_to_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -190,21 +193,102 @@ def count_parameters(net: nn.Module) -> int:
 
 # --- the data: CIFAR-10's 32×32 pixels, held in memory -----------------------------------------
 
-def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None = None) -> dict:
-    """{"train": (uint8 N×3×32×32, int64 N), "test": (...)} from shared/data/cifar10's JPEG tars
-    (train.tar.gz, test.tar.gz of <class>/<name>.jpg), decoded once and cached as .npz.
-    per_class keeps the first n images of each class of each split (for quick runs and tests)."""
+# ../shared/data/cifar10 beside the checkout: the JPEG tars (see ../shared/data/README.md).
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+LAYOUTS = ("train.tar.gz + test.tar.gz of <class>/<name>.jpg (../shared/data/cifar10), or torchvision's "
+           f"{CIFAR10.base_folder}/ (data_batch_1..5, test_batch, batches.meta)")
+
+
+def cifar10_files(root: Path) -> tuple[str, dict[str, list[Path]]] | None:
+    """(layout, {"train": files, "test": files}) for the CIFAR-10 under `root`, or None if none:
+    "jpeg-tar", ../shared's two tars; or "torchvision", what torchvision.datasets.CIFAR10
+    downloads (root may be cifar-10-batches-py/ itself or the folder holding it)."""
     root = Path(root)
-    tars = {"train": root / "train.tar.gz", "test": root / "test.tar.gz"}
-    missing = [str(p) for p in tars.values() if not p.is_file()]
-    if missing:
-        raise UserError(f"CIFAR-10 not found: missing {', '.join(missing)} "
-                                f"(expected ../shared/data/cifar10 or --data DIR with train.tar.gz, test.tar.gz)")
-    # The cache is keyed by its source (the tars' paths and contents): other --data rebuilds it.
-    key = json.dumps({s: {"path": str(p.resolve()), "sha256": sha256_file(p)} for s, p in tars.items()}, sort_keys=True)
-    data = _read_cache(cache, key, tars) if cache is not None else None
+    if (root / "train.tar.gz").is_file() and (root / "test.tar.gz").is_file():
+        return "jpeg-tar", {"train": [root / "train.tar.gz"], "test": [root / "test.tar.gz"]}
+    batches = root / CIFAR10.base_folder if (root / CIFAR10.base_folder).is_dir() else root
+    names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    if not any((batches / name).is_file() for name in names):
+        return None
+    return "torchvision", {"train": [batches / name for name, _ in CIFAR10.train_list],
+                           "test": [batches / name for name, _ in CIFAR10.test_list]}
+
+
+def download_cifar10(root: Path) -> Path:
+    """torchvision's CIFAR-10 in root/cifar-10-batches-py: downloaded and extracted with
+    torchvision's own helper, checked by its MD5 (170 MB), unless every file is already there
+    with torchvision's MD5s."""
+    root = Path(root)
+    folder = root / CIFAR10.base_folder
+    expected = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    if all(check_integrity(str(folder / name), md5) for name, md5 in expected):
+        return folder
+    print(f"downloading CIFAR-10 with torchvision ({CIFAR10.url}, MD5 {CIFAR10.tgz_md5}) into {root}", flush=True)
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except (OSError, RuntimeError, ValueError, tarfile.TarError) as e:  # URLError is an OSError
+        raise UserError(f"could not download {CIFAR10.url} into {root} ({e}); put torchvision's "
+                        f"{CIFAR10.filename} (MD5 {CIFAR10.tgz_md5}) extracted there, or ../shared/data/cifar10 "
+                        "beside the checkout") from None
+    return folder
+
+
+def find_cifar10(work: Path) -> Path:
+    """../shared/data/cifar10 when it is beside the checkout, else torchvision's CIFAR-10 in
+    work/downloads, downloaded on first use (python -m reproduction and reproduction.experiments)."""
+    if cifar10_files(SHARED_CIFAR10) is not None:
+        return SHARED_CIFAR10
+    print(f"{SHARED_CIFAR10} not found: using torchvision's CIFAR-10 in {Path(work) / 'downloads'}", flush=True)
+    return download_cifar10(Path(work) / "downloads")
+
+
+def cifar10_source(data: Path | None, work: Path, *, download: bool) -> Path:
+    """The folder reproduction.experiments reads: --data as given (with --download, torchvision's
+    copy fetched into it unless already there), or by default find_cifar10(work)."""
     if data is None:
-        data = {split: _read_tar(path, per_class) for split, path in tars.items()}
+        return find_cifar10(work)
+    data = Path(data)
+    found = cifar10_files(data)
+    if download and (found is None or found[0] == "torchvision"):
+        top = data.parent if data.name == CIFAR10.base_folder else data
+        return download_cifar10(top)
+    if found is None:
+        raise UserError(f"CIFAR-10 not found in {data}: expected {LAYOUTS}; pass --download to fetch "
+                        "torchvision's copy into it, or leave out --data (../shared/data/cifar10, else a download)")
+    return data
+
+
+def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None = None) -> dict:
+    """{"train": (uint8 N×3×32×32, int64 N), "test": (...)} from either layout of cifar10_files,
+    decoded once and cached as .npz. per_class keeps the first n images of each class of each
+    split (for quick runs and tests). The tars hold JPEG copies of the images, torchvision's
+    batches the original pixels: the two sources are not bit-identical, and the cache tells
+    them apart."""
+    root = Path(root)
+    found = cifar10_files(root)
+    if found is None:
+        raise UserError(f"CIFAR-10 not found in {root}: expected {LAYOUTS}; "
+                        "torchvision.datasets.CIFAR10(root, download=True) downloads the second")
+    layout, files = found
+    missing = [str(p) for ps in files.values() for p in ps if not p.is_file()]
+    if layout == "torchvision" and not (files["test"][0].parent / CIFAR10.meta["filename"]).is_file():
+        missing.append(str(files["test"][0].parent / CIFAR10.meta["filename"]))
+    if missing:
+        raise UserError(f"CIFAR-10 incomplete: missing {', '.join(missing)} (expected {LAYOUTS}); "
+                        "download it again or pass the complete folder")
+    # The cache is keyed by its source (the files' paths and contents): other data rebuilds it.
+    if layout == "jpeg-tar":  # the key the tars have always had: existing caches stay valid
+        source = {s: _identity(ps[0]) for s, ps in files.items()}
+    else:
+        source = {"layout": layout, **{s: [_identity(p) for p in ps] for s, ps in files.items()}}
+    key = json.dumps(source, sort_keys=True)
+    data = _read_cache(cache, key, files) if cache is not None else None
+    if data is None:
+        if layout == "jpeg-tar":
+            data = {split: _read_tar(paths[0], per_class) for split, paths in files.items()}
+        else:
+            _check_label_names(files["test"][0].parent / CIFAR10.meta["filename"])
+            data = {split: _read_batches(paths) for split, paths in files.items()}
         if cache is not None and per_class is None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             partial = cache.with_name(cache.name + ".partial")  # renamed when whole: no torn cache
@@ -217,8 +301,12 @@ def load_cifar10(root: Path, cache: Path | None = None, *, per_class: int | None
     return {s: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)) for s, (x, y) in data.items()}
 
 
-def _read_cache(cache: Path, key: str, tars: dict) -> dict | None:
-    """The cached arrays when the cache was made from these very tars, else None (rebuild)."""
+def _identity(path: Path) -> dict:
+    return {"path": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def _read_cache(cache: Path, key: str, splits) -> dict | None:
+    """The cached arrays when the cache was made from these very files, else None (rebuild)."""
     if not cache.is_file():
         return None
     try:
@@ -226,7 +314,7 @@ def _read_cache(cache: Path, key: str, tars: dict) -> dict | None:
             if "source" not in z.files or str(z["source"]) != key:
                 print(f"{cache} was made from other CIFAR-10 files: rebuilding it")
                 return None
-            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in tars}
+            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in splits}
     except (OSError, ValueError, KeyError, EOFError):
         print(f"{cache} is unreadable: rebuilding it")
         return None
@@ -250,6 +338,52 @@ def _read_tar(path: Path, per_class: int | None) -> tuple[np.ndarray, np.ndarray
     if not images:
         raise UserError(f"{path}: no CIFAR-10 images in it; {advice}")
     return np.stack(images), np.asarray(labels, np.int64)
+
+
+BATCH_ADVICE = (f"expected torchvision's {CIFAR10.base_folder}/ (download it again: its MD5s are in "
+                "torchvision.datasets.CIFAR10)")
+
+
+def _unpickle(path: Path, what: str) -> dict:
+    with reading(path, what, BATCH_ADVICE), open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")  # Python 2 pickles of dicts (as torchvision reads them)
+    if not isinstance(batch, dict):
+        raise UserError(f"{path} is not a {what} (a {type(batch).__name__}, not a dict); {BATCH_ADVICE}")
+    return batch
+
+
+def _field(batch: dict, name: str):
+    """A batch's entry under its str key (the official Python 2 files) or bytes key (bytes-keyed
+    pickles written from Python 3)."""
+    return batch[name] if name in batch else batch[name.encode()]
+
+
+def _check_label_names(meta: Path) -> None:
+    """batches.meta's class names in CIFAR-10's order: the labels mean what CLASSES says."""
+    try:
+        names = [n.decode() if isinstance(n, bytes) else n for n in _field(_unpickle(meta, "CIFAR-10 batches.meta"),
+                                                                           "label_names")]
+    except (KeyError, TypeError):
+        names = None
+    if names is None or tuple(names) != CLASSES:
+        raise UserError(f"{meta}: label_names {names} are not CIFAR-10's {list(CLASSES)}; {BATCH_ADVICE}")
+
+
+def _read_batches(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels and labels of torchvision's batch files, in file order."""
+    images, labels = [], []
+    for path in paths:
+        batch = _unpickle(path, "CIFAR-10 batch")
+        try:  # each row holds the red, then green, then blue 32×32 plane: already C×H×W
+            x = np.asarray(_field(batch, "data"), np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(_field(batch, "labels"), np.int64)
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}: {e}); {BATCH_ADVICE}") from None
+        if len(x) != len(y) or not len(y) or y.min() < 0 or y.max() >= len(CLASSES):
+            raise UserError(f"{path}: {len(x)} images, {len(y)} labels in 0-9 expected; {BATCH_ADVICE}")
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def _first_per_class(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -373,31 +507,6 @@ def evaluate_cifar(net: nn.Module, split: tuple[Tensor, Tensor], mean: Tensor, c
     return wrong / total
 
 
-def error_curve(rows: Sequence[dict]) -> list[tuple[float, float]]:
-    """(epochs trained, training error) points: the error over each fifth of an epoch, placed at
-    the end of that fifth (so the curve starts at (0.2, ·))."""
-    points = []
-    for row in rows:
-        parts = row.get("train_error_parts") or [row["train_error"]]
-        for i, err in enumerate(parts):
-            points.append((row["epoch"] + (i + 1) / len(parts), err))
-    return points
-
-
-def epochs_to(points: Sequence[tuple[float, float]], threshold: float) -> float | None:
-    """The first time the training-error curve reaches `threshold`, linearly interpolated
-    between the two points around the crossing; None if it never does."""
-    previous = (0.0, 0.9)  # before any training: chance on 10 classes
-    for x, err in points:
-        if err <= threshold:
-            (x0, e0) = previous
-            if e0 <= threshold or e0 == err:
-                return x
-            return x0 + (e0 - threshold) / (e0 - err) * (x - x0)
-        previous = (x, err)
-    return None
-
-
 # --- the two experiments: run folders, the learning-rate sweep, summaries, Fig. 1 --------------
 
 def run_folder(out: Path, c: CifarConfig, data: dict, meta: dict, *, log: Callable[[str], None] = print) -> list[dict]:
@@ -476,7 +585,7 @@ def _ratio(acts: dict, seeds: Sequence[int]) -> dict:
             t, bound = tanh["runs"][s]["epochs_run"], True
         per_seed.append(t / r)
     m, sd = mean_sd(per_seed)
-    return {"per_seed": per_seed, "mean": m, "sd": sd, "lower_bound": bound}
+    return {"per_seed": per_seed, "mean": m, "sd": sd_to_json(sd), "lower_bound": bound}
 
 
 def response_norm(configs: dict[str, CifarConfig], data: dict, out: Path, *, seeds: Sequence[int],
@@ -493,13 +602,15 @@ def response_norm(configs: dict[str, CifarConfig], data: dict, out: Path, *, see
                           "train_error": rows[-1]["train_error"], "epochs_run": len(rows)}
         errors = [r["test_error"] for r in runs.values()]
         m, sd = mean_sd(errors)
-        summary["variants"][name] = {"runs": runs, "test_error_mean": m, "test_error_sd": sd, "epochs": c.epochs}
+        summary["variants"][name] = {"runs": runs, "test_error_mean": m, "test_error_sd": sd_to_json(sd),
+                                     "epochs": c.epochs}
     names = list(configs)
     if len(names) == 2:
         a, b = (summary["variants"][n]["runs"] for n in names)
         diffs = [a[s]["test_error"] - b[s]["test_error"] for s in seeds]
         m, sd = mean_sd(diffs)
-        summary["difference"] = {"of": f"{names[0]} − {names[1]}", "per_seed": diffs, "mean": m, "sd": sd}
+        summary["difference"] = {"of": f"{names[0]} − {names[1]}", "per_seed": diffs, "mean": m,
+                              "sd": sd_to_json(sd)}
     return summary
 
 

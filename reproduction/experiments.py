@@ -13,10 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from reproduction import cifar
 from reproduction.config import CifarConfig, RunConfig, override
 from reproduction.errors import run_cli
-from reproduction.runs import write_json
 
 PAPER_RUN = RunConfig()
 
@@ -99,19 +97,32 @@ def _main(argv: Sequence[str] | None = None) -> int:
                     "every variant and seed into run folders, write summary.json and (Fig. 1) the "
                     "figure under --out; python -m reproduction.report puts them in results/README.md "
                     "beside the paper's numbers. Finished runs are reused, so rerunning after an "
-                    "interruption continues. The ILSVRC ablations run with python -m reproduction.train.")
+                    "interruption continues. CIFAR-10 is read from ../shared/data/cifar10 when it is "
+                    "beside the checkout, else from torchvision's copy in data/downloads/, which is "
+                    "downloaded (170 MB, checked by torchvision's MD5) the first time. The ILSVRC "
+                    "ablations run with python -m reproduction.train.")
     parser.add_argument("experiment", choices=sorted(CIFAR_EXPERIMENTS),
                         help="cifar-relu-tanh: §3.1 Fig. 1 (epochs to 25%% training error, ReLU vs tanh); "
                              "cifar-lrn: §3.3 (test error with and without response normalisation)")
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/cifar10",
-                        help="folder with CIFAR-10's train.tar.gz and test.tar.gz (default: ../shared/data/cifar10)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a CIFAR-10 folder: train.tar.gz + test.tar.gz of <class>/<name>.jpg (as "
+                             "../shared/data/cifar10), or torchvision's cifar-10-batches-py/ (data_batch_1..5, "
+                             "test_batch, batches.meta) or the folder holding it (default: ../shared/data/cifar10, "
+                             "else torchvision's in WORK/downloads, downloaded on first use)")
+    parser.add_argument("--download", action="store_true",
+                        help="with --data: download torchvision's CIFAR-10 into that folder unless it is already "
+                             "there with torchvision's MD5s (torchvision.datasets.CIFAR10's URL and checksum)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the decoded CIFAR-10 cache (cifar10-native.npz) and a download go "
+                             "(default: data/, not in git)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the run folders, summary.json and (cifar-relu-tanh) fig1.png go "
                              "(default: runs/cifar10/<experiment>, not in git; the committed evidence was "
                              "made with --out results/cifar10/<experiment>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to train (default: 0 1 2)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override CifarConfig fields in every variant, e.g. epochs=10")
+                        help="override CifarConfig fields in every variant, e.g. epochs=10 drop_epochs=8,9 "
+                             "(a tuple is its items and commas: parentheses are shell syntax)")
     parser.add_argument("--per-class", type=int, default=None,
                         help="use only the first N images of each class of each split (quick runs, tests)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1],
@@ -121,14 +132,24 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     root = Path(__file__).resolve().parents[1]
     out = args.out or root / "runs" / "cifar10" / args.experiment.removeprefix("cifar-")
+    work = args.work or root / "data"
     try:
         configs = {name: override(c, args.set) for name, c in CIFAR_EXPERIMENTS[args.experiment].items()}
     except ValueError as e:
         parser.error(str(e))
-    data = cifar.load_cifar10(args.data, root / "data" / "cifar10-native.npz", per_class=args.per_class)
+    # torch loads here, not when this module is imported: --help, and the report's import of
+    # EXPERIMENTS, stay quick.
+    from reproduction import cifar
+    from reproduction.runs import write_json
+
+    source = cifar.cifar10_source(args.data, work, download=args.download)
+    data = cifar.load_cifar10(source, work / "cifar10-native.npz", per_class=args.per_class)
+    layout = cifar.cifar10_files(source)[0]
+    print(f"CIFAR-10 ({layout} layout) from {source}: {len(data['train'][1]):,} training / "
+          f"{len(data['test'][1]):,} test images")
     command = "python -m reproduction.experiments " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    meta = {"command": command, "per_class": args.per_class}
+    meta = {"command": command, "per_class": args.per_class, "source": {"layout": layout, "path": str(source)}}
     if args.experiment == "cifar-relu-tanh":
         summary = cifar.relu_tanh(configs, data, out, seeds=args.seeds, lrs=args.lrs,
                                   sweep_epochs=args.sweep_epochs, meta=meta)

@@ -2,14 +2,22 @@
 
 import dataclasses
 import json
+import pickle
+import urllib.error
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.datasets import CIFAR10
 
+import reproduction.__main__ as main_job
 from reproduction import cifar, experiments, report
-from reproduction.cifar import LocallyConnected, ResponseNorm, cifar_net, epochs_to, error_curve
+from reproduction.cifar import LocallyConnected, ResponseNorm, cifar_net
+from reproduction.stats import epochs_to, error_curve
 from reproduction.config import CifarConfig, override
+from reproduction.errors import UserError
 from reproduction.experiments import CIFAR_EXPERIMENTS, CONV_LOCAL_11PCT, CONV_LOCAL_13PCT, FIG1
 
 
@@ -183,4 +191,123 @@ def test_experiment_commands_end_to_end(experiment, shared_data, tmp_path, capsy
 
 def test_experiment_command_explains_missing_data(tmp_path, capsys):
     assert experiments.main(["cifar-lrn", "--data", str(tmp_path)]) == 2
-    assert "CIFAR-10 not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CIFAR-10 not found" in err and "cifar-10-batches-py" in err and "--download" in err
+
+
+# --- torchvision's CIFAR-10 layout (cifar-10-batches-py/), read and downloaded -----------------
+
+def tiny_torchvision_cifar(root: Path, *, per_batch: int = 4, test: int = 10, names=cifar.CLASSES) -> Path:
+    """torchvision's CIFAR-10 layout in miniature: data_batch_1..5, test_batch and batches.meta,
+    pickled dicts as the official files are, with generated pixels; labels cycle through the
+    classes, so the five training batches hold 2 images of each class."""
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    k = 0
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", test)]:
+        batch = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [(k + j) % 10 for j in range(n)], "filenames": [f"{name}_{j}.png" for j in range(n)]}
+        k += n
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"label_names": list(names), "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def test_torchvision_layout_reads_as_torchvision_does(tmp_path, monkeypatch):
+    folder = tiny_torchvision_cifar(tmp_path)
+    data = cifar.load_cifar10(tmp_path, tmp_path / "cache.npz")
+    assert (tmp_path / "cache.npz").is_file()
+    # torchvision's own reader is the reference (it checks the real files' MD5s, which these lack)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    for split, train in (("train", True), ("test", False)):
+        reference = CIFAR10(str(tmp_path), train=train)
+        x, y = data[split]
+        assert torch.equal(x, torch.from_numpy(reference.data).permute(0, 3, 1, 2)), split  # N×H×W×C → N×C×H×W
+        assert y.tolist() == reference.targets, split
+    assert data["train"][0].shape == (20, 3, 32, 32) and len(data["test"][1]) == 10
+    again = cifar.load_cifar10(folder, tmp_path / "cache.npz")  # the batches folder itself, from the cache
+    assert torch.equal(again["train"][0], data["train"][0])
+    sub = cifar.load_cifar10(folder, per_class=1)
+    assert torch.bincount(sub["train"][1]).tolist() == [1] * 10
+
+
+def test_torchvision_layout_refuses_foreign_or_incomplete_batches(tmp_path):
+    bad_names = tiny_torchvision_cifar(tmp_path / "a", names=[f"c{i}" for i in range(10)])
+    with pytest.raises(UserError, match="batches.meta: label_names .* are not CIFAR-10's"):
+        cifar.load_cifar10(bad_names)
+    missing = tiny_torchvision_cifar(tmp_path / "b")
+    (missing / "data_batch_3").unlink()
+    with pytest.raises(UserError, match="CIFAR-10 incomplete: missing .*data_batch_3"):
+        cifar.load_cifar10(missing)
+    (missing / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        cifar.load_cifar10(missing)
+
+
+def lrn_command(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    return ["cifar-lrn", "--out", str(tmp_path / out), "--seeds", "0", "--set", "epochs=1", "batch_size=10", *extra]
+
+
+def test_experiment_command_trains_on_the_torchvision_layout(tmp_path, monkeypatch):
+    tiny_torchvision_cifar(tmp_path / "tv")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("CIFAR-10 is there: nothing may be downloaded")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_download)
+    work, out = tmp_path / "work", tmp_path / "results" / "cifar10" / "lrn"
+    assert experiments.main(lrn_command(tmp_path, str(out), "--data", str(tmp_path / "tv"), "--work", str(work))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"] == {"layout": "torchvision", "path": str(tmp_path / "tv")}
+    for variant in ("norm", "no_norm"):
+        config = json.loads((out / "runs" / variant / "seed0" / "config.json").read_text())
+        assert config["data"] == {"train": 20, "test": 10}
+    assert (work / "cifar10-native.npz").is_file()  # the cache goes to --work, not the checkout's data/
+    # One seed has no sd: the summary holds null (JSON has no NaN) and the report says so.
+    assert summary["difference"]["sd"] is None and summary["variants"]["norm"]["test_error_sd"] is None
+    text = report.write_report(tmp_path / "results").read_text()
+    assert "One seed only" in text and "one seed: no spread to weigh it against" in text and "± nan" not in text
+
+
+def test_experiment_command_downloads_with_torchvision_when_no_cifar_is_there(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_download(url, download_root, filename=None, md5=None, **kwargs):  # torchvision's helper, offline
+        calls.append((url, Path(download_root), filename, md5))
+        tiny_torchvision_cifar(Path(download_root))
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(cifar, "SHARED_CIFAR10", tmp_path / "no-shared-data")
+    work = tmp_path / "work"
+    assert experiments.main(lrn_command(tmp_path, "a", "--work", str(work))) == 0  # no --data: automatic
+    assert calls == [(CIFAR10.url, work / "downloads", CIFAR10.filename, CIFAR10.tgz_md5)]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["source"]["path"] == \
+        str(work / "downloads" / CIFAR10.base_folder)
+    mine = tmp_path / "mine"
+    assert experiments.main(lrn_command(tmp_path, "b", "--data", str(mine), "--download", "--work", str(work))) == 0
+    assert calls[-1][:2] == (CIFAR10.url, mine) and (mine / CIFAR10.base_folder / "test_batch").is_file()
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    capsys.readouterr()
+    assert experiments.main(lrn_command(tmp_path, "c", "--work", str(tmp_path / "w2"))) == 2
+    err = capsys.readouterr().err
+    assert f"could not download {CIFAR10.url}" in err and "MD5" in err and "Traceback" not in err
+
+
+def test_the_main_job_and_the_experiments_share_one_finder(tmp_path, monkeypatch):
+    """python -m reproduction --dataset cifar10 finds CIFAR-10 as reproduction.experiments does:
+    ../shared's copy when there, else torchvision's in WORK/downloads (downloaded once)."""
+    shared = tmp_path / "shared-cifar10"
+    tiny_torchvision_cifar(shared)
+    monkeypatch.setattr(cifar, "SHARED_CIFAR10", shared)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", lambda *a, **k: pytest.fail("must not download"))
+    assert main_job.find_cifar10(tmp_path / "work") == shared
+    monkeypatch.setattr(cifar, "SHARED_CIFAR10", tmp_path / "none")
+    monkeypatch.setattr(cifar, "download_and_extract_archive",
+                        lambda url, root, **k: tiny_torchvision_cifar(Path(root)))
+    assert main_job.find_cifar10(tmp_path / "work") == tmp_path / "work" / "downloads" / CIFAR10.base_folder

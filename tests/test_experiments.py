@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
-from reproduction.config import RunConfig
+import pytest
+
+from reproduction import experiments
+from reproduction.config import CifarConfig, RunConfig, override
 from reproduction.experiments import EXPERIMENTS
 
 # The single difference of each entry from the paper's run (the report attributes an effect to it).
@@ -71,3 +78,37 @@ def test_freeze_must_name_layers_the_net_has():
         override(RunConfig(), {"remove_conv": "conv3", "freeze": ("conv1", "conv3")})
     with pytest.raises(ValueError, match="conv6"):
         override(RunConfig(), {"freeze": ("conv6",)})
+
+
+def set_examples(markdown: str) -> list[str]:
+    """Every command line or inline code span of a markdown text that passes `--set`."""
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.M | re.S)
+    lines = [line for block in fenced for line in block.splitlines() if "--set" in line]
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", markdown, flags=re.M | re.S)
+    spans = [s.replace("\n", " ") for s in re.findall(r"`([^`]+)`", prose) if "--set" in s]
+    return lines + spans
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_documented_set_overrides_are_valid_shell(capsys):
+    """`--set drop_epochs=(10,20)` is a shell syntax error: every documented --set must parse in
+    bash, and the tuple form the README shows must parse as a tuple."""
+    root = Path(__file__).resolve().parents[1]
+    examples = [e for doc in ("README.md", "results/README.md") for e in set_examples((root / doc).read_text())]
+    assert any("drop_epochs=" in e for e in examples)  # the README's tuple example is among them
+    for example in examples:
+        # on stdin: a span that starts with --set would be read as bash's own option after -c
+        check = subprocess.run(["bash", "-n"], input=example, capture_output=True, text=True)
+        assert check.returncode == 0, f"{example!r}: {check.stderr.strip()}"
+    with pytest.raises(SystemExit):
+        experiments.main(["--help"])
+    assert "=(" not in capsys.readouterr().out
+    assert override(RunConfig(), ["drop_epochs=10,20,25"]).train.drop_epochs == (10, 20, 25)
+    assert override(CifarConfig(), ["drop_epochs=8,9"]).drop_epochs == (8, 9)
+
+
+def test_a_shell_error_in_a_set_example_is_caught():
+    assert subprocess.run(["bash", "-n"], input="python -m x --set drop_epochs=(10,20)", text=True,
+                          capture_output=True).returncode != 0
+    assert set_examples("a `--set a=1\nb=(2,3)` span\n```\npython -m x --set c=1\n```\n") == \
+        ["python -m x --set c=1", "--set a=1 b=(2,3)"]
