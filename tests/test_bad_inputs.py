@@ -422,9 +422,9 @@ def other_command_cases():
                 truncated(whole, src / "train.tar.gz", 0.5)
                 shutil.copy(whole, src / "test.tar.gz")
                 needle = str(src / "train.tar.gz")
-            else:
+            else:  # neither layout: the error names the folder and how to get either
                 src.mkdir()
-                needle = str(src / "train.tar.gz")
+                needle = f"CIFAR-10 not found in {src}: expected train.tar.gz + test.tar.gz"
             cache = REPO / "data" / "cifar10-native.npz"
             return Case(["cifar-lrn", "--data", str(src), "--out", str(t / "out"), "--seeds", "0"], needle,
                         [src] + ([cache] if cache.exists() else []))
@@ -453,7 +453,7 @@ def other_command_cases():
         ("caffe", "--out an existing folder", caffe_out_folder),
         ("experiments", "--data: two empty tars (never the cache)", cifar("empty")),
         ("experiments", "--data: a truncated tar", cifar("truncated")),
-        ("experiments", "--data: no tars", cifar("missing")),
+        ("experiments", "--data: neither layout", cifar("missing")),
         ("bench", "eval --data not prepared", bench_unprepared),
         ("model", "--set unknown key", model_bad_set),
     ]
