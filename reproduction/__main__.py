@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from reproduction.config import RunConfig, override
 from reproduction.errors import UserError, run_cli
 from reproduction.experiments import EXPERIMENTS
@@ -248,9 +246,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if not args.minutes > 0:
         parser.error(f"--minutes {args.minutes:g}: give a positive number of minutes")
 
+    # torch (2-4 s, more from a cold disk) loads only now, after the arguments are read: --help
+    # and a bad argument answer at once. These modules import no module of the main job.
+    import torch
+
     from data_prep.__main__ import main as prep  # the same CLI a user would call
+    from reproduction.distributed import parse_devices
     from reproduction.report import write_report
-    from reproduction.train import parse_devices
     from reproduction.visualize import main as visualize
 
     begin = time.time()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, num_batches
-from reproduction.distributed import Distributed
+from reproduction.distributed import Distributed, parse_devices  # the same placement rule as training
 from reproduction.errors import UserError, run_cli
 from reproduction.precision import autocast
 from reproduction.runs import (config_of, evaluation_path, load_checkpoint, model_from_checkpoint, open_data,
@@ -203,7 +203,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     output = evaluation_path(args.checkpoint[0], args.split, args.output)
 
-    from reproduction.train import parse_devices  # the same placement rule as training
     states = [load_checkpoint(p) for p in args.checkpoint]
     dataset, stats = open_data(args.data, [args.split])
     try:

@@ -1,5 +1,7 @@
-"""The CIFAR experiments, their command and the report import without a circle: shared pieces
-(mean ± sd, Fig. 1's curve, Fig. 3's tower gap) live below them in reproduction/stats.py.
+"""No module of the project is part of an import circle: shared pieces live below the modules
+that use them (mean ± sd, Fig. 1's curve and Fig. 3's tower gap in reproduction/stats.py, under
+cifar, experiments and report; parse_devices in reproduction/distributed.py, under train,
+evaluate, visualize and the main job).
 
 The import graph is read from the source, function-local imports included, so a circle hidden
 inside a function still counts."""
@@ -21,6 +23,9 @@ CHECKED = ("reproduction.cifar", "reproduction.experiments", "reproduction.repor
 def module_name(path: Path) -> str:
     name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     return name.removesuffix(".__init__")
+
+
+MODULES = sorted(module_name(p) for package in PACKAGES for p in (ROOT / package).glob("*.py"))
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -65,9 +70,11 @@ def test_import_graph_reader_sees_function_local_imports():
     assert "reproduction.runs" in found["reproduction.report"]      # imported inside find_runs
     assert "reproduction.stats" in found["reproduction.cifar"]
     assert "data_prep.stats" in found["data_prep.pack"]              # from . import image, stats
+    assert "reproduction.distributed" in found["reproduction.evaluate"]
+    assert "reproduction.train" not in found["reproduction.evaluate"]  # the circle issue 24 named
 
 
-@pytest.mark.parametrize("module", CHECKED)
+@pytest.mark.parametrize("module", MODULES)
 def test_no_import_circle_through(module):
     assert circle_through(import_graph(), module) is None
 
@@ -81,3 +88,17 @@ def test_each_module_imports_alone_and_the_command_modules_without_torch():
         assert out.returncode == 0, f"{module}: {out.stderr}"
         if module != "reproduction.cifar":
             assert out.stdout.strip() == "False", f"{module} imports torch"
+
+
+@pytest.mark.parametrize("command", ["reproduction", "reproduction.experiments", "reproduction.report", "data_prep"])
+def test_help_answers_before_torch_loads(command):
+    """--help of the main job (and of the commands built the same way) never imports torch,
+    which takes 2-4 s warm and far longer from a cold disk (issue 24)."""
+    code = ("import runpy, sys; sys.argv = ['x', '--help']\n"
+            f"try: runpy.run_module({command!r}, run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as e: assert e.code == 0, e.code\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("False"), f"python -m {command} --help imported torch"
+
