@@ -17,8 +17,10 @@ runs/ (not in git); results/ changes only with --evidence.
 Sized by the machine: the run times its own first training steps, then keeps as many of the
 recipe's epochs as end the whole job within --minutes (and, where not even one epoch of the
 subset would, trains on fewer images per class), prints that plan with its ETA before going on,
-and records it in config.json ("plan") and the report. Every choice made for this machine
-(precision, epochs, images) is printed with its reason.
+and records it in config.json ("plan") and the report. Training stops at a deadline that keeps
+the budget (the epoch in progress then ends early and is the last), and where the time left
+holds a good part of one more epoch, that epoch is planned too and ended by the deadline. Every
+choice made for this machine (precision, epochs, images) is printed with its reason.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 # (classes, train images per class, val images per class, recipe changes): stated, not hidden.
 # DEVIATION(§5): on a CPU the main job trains the first 10 Tiny-ImageNet classes (5,000 images,
 # 64 px photographs upsampled to 256) with batches of 32 (not 128) for at most 6 epochs (not
-# ~90), as many as the --minutes budget holds (Budget below), so that a newcomer's run ends
-# within it on any CPU; the speed flags are opt-in arithmetic (bf16 only where a timed step
+# ~90), as many as the --minutes budget holds (Budget below; the last may end early, at the
+# budget's deadline), so that a newcomer's run ends within it on any CPU; the speed flags are opt-in arithmetic (bf16 only where a timed step
 # shows it faster) and are recorded in config.json. Every report row names these changes.
 CPU_RUN = (10, 500, 50, {"batch_size": 32, "epochs": 6, "fused_lrn": True, "fused_sgd": True,
                          "channels_last": True})
@@ -59,6 +61,7 @@ EVAL_SPEEDUP = 2.5
 SAVE_SECONDS = 4.0
 FINISH_SECONDS = 10.0
 PROBE_STEPS = 6        # timed steps after the warm-up step; they are the run's first steps
+MIN_PART = 0.1         # a last epoch is planned to end at the deadline only with this share of its images
 LEAST_PER_CLASS = (20, 10)  # train / val images per class below which the job does not shrink
 
 
@@ -73,7 +76,10 @@ class TooSlow(Exception):
 @dataclasses.dataclass
 class Budget:
     """The main job's plan (train.Plan): as many of the recipe's epochs as end the whole job
-    within `seconds` of `began`, from the run's own measured training speed."""
+    within `seconds` of `began`, from the run's own measured training speed, and a deadline
+    for training that keeps the budget when the machine turns out slower than measured. Where
+    the budget leaves time for a good part of one more epoch (MIN_PART), that epoch is planned
+    too, and the deadline ends it early: the budget is spent training, not left over."""
     seconds: float
     began: float              # time.time() at the job's start
     train_images: int
@@ -81,13 +87,19 @@ class Budget:
     choices: dict             # what was already chosen for this machine, with its reason
     may_shrink: bool = True   # False once the job has restarted on fewer images
     steps: int = PROBE_STEPS
+    deadline: float | None = None  # set by choose: training stops there (train.Plan)
+
+    def tail(self, img_per_s: float) -> float:
+        """Seconds the job needs after its training stops: the last epoch's validation and
+        checkpoint, the ten-patch evaluation (the centre is the last epoch's), Fig. 3, the report."""
+        eval_rate = img_per_s * EVAL_SPEEDUP
+        return 11 * self.val_images / eval_rate + SAVE_SECONDS + FINISH_SECONDS
 
     def estimate(self, epochs: int, img_per_s: float, images_done: int) -> float:
-        """Seconds from the job's start to its end with `epochs` epochs."""
-        eval_rate = img_per_s * EVAL_SPEEDUP
-        epoch = self.train_images / img_per_s + self.val_images / eval_rate + SAVE_SECONDS
-        final = 10 * self.val_images / eval_rate + FINISH_SECONDS  # ten patches (the centre is the last epoch's)
-        return time.time() - self.began + epochs * epoch - images_done / img_per_s + final
+        """Seconds from the job's start to its end with `epochs` whole epochs."""
+        between = self.val_images / (img_per_s * EVAL_SPEEDUP) + SAVE_SECONDS  # each earlier epoch's end
+        return (time.time() - self.began + (epochs * self.train_images - images_done) / img_per_s
+                + (epochs - 1) * between + self.tail(img_per_s))
 
     def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]:
         most = config.train.epochs
@@ -100,15 +112,31 @@ class Budget:
                                     f"the job after {one / 60:.1f} min (budget {self.seconds / 60:g})")
         epochs = fits[0] if fits else 1
         eta = self.estimate(epochs, img_per_s, images_done)
-        reason = (f"{epochs} of the recipe's {most} epochs: the first {images_done} training images ran at "
-                  f"{img_per_s:.1f} img/s, so the job ends in about {eta / 60:.1f} min "
-                  + (f"(budget {self.seconds / 60:g} min)" if fits else
+        # The share of one more epoch's images that the time left over would train (after the
+        # validation and checkpoint of what is now the last epoch).
+        left = self.seconds - eta - self.val_images / (img_per_s * EVAL_SPEEDUP) - SAVE_SECONDS
+        part = left * img_per_s / self.train_images if fits and epochs < most else 0.0
+        last = ""
+        if part >= MIN_PART:
+            epochs, eta, last = epochs + 1, self.seconds, (
+                f", the last ending at the deadline after about {math.floor(part * self.train_images):,} of "
+                f"its {self.train_images:,} images")
+        # Without even one epoch in the budget (a restarted job) one epoch is the least it trains.
+        self.deadline = self.began + self.seconds - self.tail(img_per_s) if fits else None
+        reason = (f"{epochs} of the recipe's {most} epochs{last}: the first {images_done} training images ran "
+                  f"at {img_per_s:.1f} img/s, so the job ends in about {eta / 60:.1f} min "
+                  + (f"(budget {self.seconds / 60:g} min; training stops by "
+                     f"{(self.deadline - self.began) / 60:.1f} min whatever the speed)" if fits else
                      f"(over the {self.seconds / 60:g} min budget: one epoch is the least it trains)"))
         print(f"    plan: {reason}", flush=True)
         record = {"budget_minutes": self.seconds / 60, "measured_img_per_s": img_per_s,
                   "timed_images": images_done, "epochs": epochs, "recipe_epochs": most,
                   "eta_minutes": eta / 60, "choices": {**self.choices, "epochs": reason}}
+        if self.deadline is not None:
+            record["deadline_minutes"] = (self.deadline - self.began) / 60
         return override(config, {"epochs": epochs}), record
+
+
 DATASETS = ("tiny-imagenet", "cifar10")
 
 
@@ -306,6 +334,8 @@ def summary(out: Path, trained: float, total: float, fresh: bool) -> None:
     chance1, chance5 = 100 * (1 - 1 / classes), 100 * max(0.0, 1 - 5 / classes)
     print(f"{meta['data']['dataset']}, {classes} classes, {meta['data']['train_images']:,} training / "
           f"{meta['data']['val_images']:,} val images; {final['epochs']} epochs, {final['steps']} steps")
+    if "stopped" in meta.get("plan", {}):
+        print(f"training stopped {meta['plan']['stopped']}")
     print(f"{'':14} {'top-1 error':>12} {'top-5 error':>12}")
     for key, label in (("centre", "centre patch"), ("ten_patch", "ten patches")):
         print(f"{label:14} {100 * final[key]['top1_error']:>11.1f}% {100 * final[key]['top5_error']:>11.1f}%")

@@ -111,13 +111,22 @@ def links(runs: list[dict], base: Path) -> str:
     return ", ".join(f"[{r['folder'].name}]({r['folder'].relative_to(base).as_posix()})" for r in runs)
 
 
+def epochs_text(run: dict) -> str:
+    """A run's epochs, e.g. "3", or "3 (the last on 2,547 of 5,000 images)" where the main job's
+    deadline ended its last epoch early."""
+    final, last = run["final"], run["final"].get("last_epoch_images")
+    if last is None:
+        return str(final["epochs"])
+    return f"{final['epochs']} (the last on {last:,} of {run['meta']['data']['train_images']:,} images)"
+
+
 def results_table(groups: dict, base: Path) -> list[str]:
     lines = ["| data (train / val) | experiment | changed from the experiment's config | seeds | epochs "
              "| top-1 (centre) | top-5 (centre) | top-1 (10 patches) | top-5 (10 patches) | chance | runs |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for (dataset, experiment, changes), runs in groups.items():
         cells = [fmt(*mean_sd(errors(runs, p, w))) for p in ("centre", "ten_patch") for w in ("top1", "top5")]
-        epochs = "/".join(sorted({str(r["final"]["epochs"]) for r in runs}))
+        epochs = "/".join(sorted({epochs_text(r) for r in runs}))
         classes = runs[0]["meta"]["data"]["classes"]
         chance = f"{100 * (1 - 1 / classes):.1f} / {100 * max(0.0, 1 - 5 / classes):.1f}"
         lines.append(f"| {dataset} | {experiment} | {changes} | {len(runs)} | {epochs} | " + " | ".join(cells)

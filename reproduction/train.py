@@ -67,8 +67,14 @@ class Plan(Protocol):
     first step (warm-up: kernel builds, first allocations) `steps` more steps of epoch 1 are
     timed; `choose(img_per_s, images_done, config)` then returns the config the run goes on with
     (only `epochs` may differ) and a record that config.json keeps under "plan". The timed steps
-    are training steps of the run. It may raise to stop the run before its first checkpoint."""
+    are training steps of the run. It may raise to stop the run before its first checkpoint.
+
+    `deadline` (a time.time(), set by choose; None: none): training stops there. The epoch in
+    progress then ends early, with the images it has trained on, and is the run's last (an
+    epoch not yet begun is not started); config.json's epochs and plan say where it stopped.
+    A resumed run has no deadline: it trains the epochs its config.json holds."""
     steps: int
+    deadline: float | None
 
     def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]: ...
 
@@ -213,6 +219,9 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                  batch_scaling=batch_scaling, init_from=init_from, plan=plan)
     with Interrupt() as interrupt:
         while run.position["epoch"] < run.last_epoch:
+            if run.deadline is not None and time.time() >= run.deadline:
+                _stop_at_deadline(run, None)  # not one step of this epoch before the deadline
+                break
             _epoch(run, interrupt)
     if run.position["epoch"] < run.config.train.epochs:
         return {"stopped_at_epoch": run.position["epoch"]}
@@ -239,6 +248,7 @@ class _Run:
     last_epoch: int  # where this process stops (max_epochs: a staged run)
     max_epochs: int | None
     plan: Plan | None  # until the plan has chosen the epochs
+    deadline: float | None  # the plan's: training stops there (Plan)
     eval_kw: dict
     workers: int | None
     log: Callable[[str], None]
@@ -370,7 +380,7 @@ def _setup(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                 val_set=val_set, stats=stats, model=model, step_fn=step_module(model, t, replicas),
                 optimizer=optimizer, replicas=replicas, guard=guard, position=position, history=history,
                 last_epoch=t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs),
-                max_epochs=max_epochs, plan=plan, workers=workers, log=log,
+                max_epochs=max_epochs, plan=plan, deadline=None, workers=workers, log=log,
                 eval_kw=dict(batch_size=t.batch_size, device=home, precision=t.precision,
                              channels_last=t.channels_last, workers=workers, replicas=replicas))
 
@@ -399,6 +409,7 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
     read_every = 1 if replicas.started else READ_EVERY
     per_epoch = run.batches_per_epoch
     run.pending = pending = []
+    cut = False  # the plan's deadline came before the epoch's last batch
     for k, (x, y) in enumerate(batches, start=run.position["batch"]):
         n = min(t.batch_size, len(train_set) - k * t.batch_size)  # images in the global batch
         torch.manual_seed(step_seed(t.seed, run.position["step"], replicas.rank))  # dropout masks
@@ -415,14 +426,16 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
                 began, before = probe  # (an epoch of one batch: timed from the epoch's start)
                 rate = (images_this_run - before) / (time.perf_counter() - began)
                 config, record = run.plan.choose(rate, images_this_run, config)
-                run.config, t, run.plan = config, config.train, None
+                run.config, t, run.deadline, run.plan = config, config.train, run.plan.deadline, None
                 run.last_epoch = t.epochs if run.max_epochs is None else min(t.epochs, run.max_epochs)
                 run.folder.amend({"plan": record, "config": runs.config_dict(config)})
-        if not (run.position["step"] % read_every == 0 or k + 1 == per_epoch or interrupt.requested):
+        cut = run.deadline is not None and k + 1 < per_epoch and time.time() >= run.deadline
+        end = k + 1 == per_epoch or cut
+        if not (run.position["step"] % read_every == 0 or end or interrupt.requested):
             continue
         stop = _read_back(pending, sums, run.guard, replicas, run.position["step"], lr, interrupt.requested)
         now = time.time()
-        if now - last_print >= 10 or k + 1 == per_epoch:
+        if now - last_print >= 10 or end:
             rate = images_this_run / (now - start)
             left = (per_epoch - k - 1) * t.batch_size / rate
             left += (run.last_epoch - epoch - 1) * per_epoch * t.batch_size / rate
@@ -438,6 +451,11 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
             log(f"interrupted: checkpoint at epoch {epoch + 1}, batch {k + 1}; continue with "
                 f"{launcher} reproduction.train --resume --out {run.folder.path}")
             raise KeyboardInterrupt
+        if cut:
+            batches.close()  # the loader's threads stop with it
+            _stop_at_deadline(run, sums["images"])
+            config, t = run.config, run.config.train
+            break
     seconds = sums["seconds"] + time.time() - start
     val = run.last_val = evaluate(run.model, run.val_set, run.stats, config.data, ten_patch=False, **run.eval_kw)
     if not (math.isfinite(val["loss"]) and math.isfinite(sums["loss"])):
@@ -448,7 +466,8 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
     row = {"epoch": epoch, "step": run.position["step"], "lr": lr,
            "train_loss": sums["loss"] / sums["images"], "train_error": sums["errors"] / sums["images"],
            "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
-           "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds}
+           "val_loss": val["loss"], "img_per_s": sums["images"] / seconds, "seconds": seconds,
+           **({"images": sums["images"]} if cut else {})}  # an epoch the deadline ended early
     run.folder.append(row)
     run.history.append(row)
     log(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} error "
@@ -461,6 +480,22 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
                                      "classes": run.class_ids()})
 
 
+def _stop_at_deadline(run: _Run, images: int | None) -> None:
+    """The plan's deadline has come: the epoch in progress (`images` trained so far in it) is the
+    run's last, or, with images=None, the epoch about to begin is not started. config.json's
+    epochs and plan say so, and so do the checkpoints written from now on."""
+    epoch = run.position["epoch"] + (images is not None)
+    planned = run.config.train.epochs
+    run.config = override(run.config, {"epochs": epoch})
+    run.last_epoch = epoch
+    where = (f"epoch {epoch} ended after {images:,} of its {len(run.train_set):,} images" if images is not None
+             else f"after epoch {epoch}, before epoch {epoch + 1} began")
+    stopped = f"at the budget's deadline, {where}: {epoch} of the {planned} planned epochs"
+    run.log(f"stopped {stopped}")
+    plan = runs.read_json(run.folder.path / "config.json").get("plan", {}) if run.folder.writer else {}
+    run.folder.amend({"plan": plan | {"stopped": stopped, "epochs": epoch}, "config": runs.config_dict(run.config)})
+
+
 def _finish(run: _Run) -> dict:
     """The trained net on the val set by both protocols (§4.1: centre patch, ten patches) into
     final.json; the last epoch's validation in this process is the centre result."""
@@ -470,6 +505,8 @@ def _finish(run: _Run) -> dict:
                               f"{run.guard.checkpoint_note}.")
     final |= {"experiment": run.experiment, "epochs": run.position["epoch"], "steps": run.position["step"],
               "seed": run.config.train.seed, "data": str(run.data_dir)}
+    if run.history and "images" in run.history[-1]:  # the plan's deadline ended the last epoch early
+        final["last_epoch_images"] = run.history[-1]["images"]
     run.folder.finish(final)
     run.log(f"final: centre patch top-1 {final['centre']['top1_error']:.4f} top-5 "
             f"{final['centre']['top5_error']:.4f} | ten patches top-1 {final['ten_patch']['top1_error']:.4f} "
@@ -591,7 +628,11 @@ def _naming_bad_images(batches: Iterator[tuple[Tensor, Tensor]], dataset, order:
             raise UserError(f"{dataset.root / (dataset.split + '.jpg.bin')}: {', '.join(bad[:5])} cannot be decoded "
                             f"({str(e).splitlines()[0][:80]}); {kept}. Re-prepare the set from its source "
                             "(python -m data_prep ... --force), then --resume") from None
-        yield item
+        try:
+            yield item
+        except GeneratorExit:  # closed early (the plan's deadline): the loader's threads stop now
+            getattr(batches, "close", lambda: None)()
+            raise
         k += 1
 
 

@@ -87,9 +87,10 @@ def budget(**kw):
 PLANNED = main_job.EXPERIMENTS["paper"]
 
 
-@pytest.mark.parametrize("rate,epochs", [(90.0, 6), (23.3, 2), (14.0, 1)])
+@pytest.mark.parametrize("rate,epochs", [(90.0, 6), (22.5, 2), (13.0, 1)])
 def test_the_budget_keeps_the_epochs_that_fit(rate, epochs, capsys):
-    """At AMX's speed the recipe's 6 epochs fit 10 minutes; at the AVX2 EPYC's 23 img/s, 2."""
+    """At AMX's speed the recipe's 6 epochs fit 10 minutes; at 22.5 img/s 2, at 13 img/s 1, each
+    with too little time left for a tenth of one more epoch (MIN_PART)."""
     b = budget()
     config, record = b.choose(rate, 224, override(PLANNED, {"epochs": 6}))
     assert config.train.epochs == record["epochs"] == epochs
@@ -98,13 +99,33 @@ def test_the_budget_keeps_the_epochs_that_fit(rate, epochs, capsys):
     assert f"plan: {epochs} of the recipe's 6 epochs" in capsys.readouterr().out
 
 
+def test_the_budget_plans_a_last_epoch_that_its_deadline_ends(capsys):
+    """At 27 img/s two whole epochs end the job after ~8.6 minutes: the time left would train
+    ~2,000 images of a third, so three are planned and training stops at the deadline, which
+    leaves the last epoch's validation and the final evaluation their time within the budget."""
+    b = budget()
+    config, record = b.choose(27.0, 224, override(PLANNED, {"epochs": 6}))
+    assert b.estimate(2, 27.0, 224) <= 600 < b.estimate(3, 27.0, 224)
+    assert config.train.epochs == record["epochs"] == 3 and record["eta_minutes"] == 10
+    assert b.deadline == pytest.approx(b.began + 600 - b.tail(27.0))
+    assert record["deadline_minutes"] == pytest.approx((b.deadline - b.began) / 60)
+    out = capsys.readouterr().out
+    assert "3 of the recipe's 6 epochs, the last ending at the deadline after about 2," in out
+    assert "of its 5,000 images" in out and "training stops by 8.4 min" in out
+    # Where little of another epoch would fit, none is planned; the deadline still keeps the budget.
+    b = budget()
+    assert b.choose(22.5, 224, override(PLANNED, {"epochs": 6}))[0].train.epochs == 2 and b.deadline is not None
+
+
 def test_the_budget_shrinks_the_images_where_one_epoch_does_not_fit(capsys):
     with pytest.raises(main_job.TooSlow) as stop:
         budget().choose(5.0, 35, override(PLANNED, {"epochs": 6}))
     assert 0 < stop.value.fraction < 0.5
     # Once shrunk it trains one epoch even over the budget, and says so.
-    config, record = budget(may_shrink=False).choose(5.0, 35, override(PLANNED, {"epochs": 6}))
+    b = budget(may_shrink=False)
+    config, record = b.choose(5.0, 35, override(PLANNED, {"epochs": 6}))
     assert config.train.epochs == 1 and "over the 10 min budget" in record["choices"]["epochs"]
+    assert b.deadline is None and "deadline_minutes" not in record  # one epoch, whole
 
 
 def test_precision_is_measured_only_where_bf16_is_native(monkeypatch):

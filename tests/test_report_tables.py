@@ -92,3 +92,14 @@ def test_rows_without_runs_say_not_yet_run(tmp_path):
         assert "| not yet run |" in row(text, start), start
     assert "| 37.5 | 17.0 |" in text
     assert "| §3.1, Fig. 1" in text and "| not yet run |" in row(text, "| §3.1, Fig. 1")  # no CIFAR summary here
+
+
+def test_a_last_epoch_ended_by_the_deadline_is_shown_as_such(tmp_path):
+    """The main job's deadline can end a run's last epoch early: its results row says on how
+    many images, so three such epochs never read as three whole ones."""
+    run = fake_run(tmp_path / "runs/tiny/paper/seed0", dataset="tiny-imagenet", experiment="paper", top1=0.7,
+                   changes={"epochs": 3}, classes=10)
+    final = json.loads((run / "final.json").read_text())
+    (run / "final.json").write_text(json.dumps(final | {"epochs": 3, "last_epoch_images": 7}))
+    text = write_report(tmp_path).read_text()
+    assert "| 3 (the last on 7 of 10 images) |" in row(text, "| tiny-imagenet, 10 classes")

@@ -310,8 +310,8 @@ class FixedPlan:
     """A train.Plan that keeps `epochs` and records what it was shown."""
     steps = 2
 
-    def __init__(self, epochs):
-        self.epochs, self.calls = epochs, []
+    def __init__(self, epochs, deadline=None):
+        self.epochs, self.calls, self.deadline = epochs, [], deadline
 
     def choose(self, img_per_s, images_done, config):
         self.calls.append((img_per_s, images_done, config.train.epochs))
@@ -340,6 +340,32 @@ def test_a_plan_on_an_epoch_shorter_than_its_steps_decides_at_the_epoch_end(tiny
     assert [done for _, done, _ in plan.calls] == [14]  # the whole first epoch, then the choice
 
 
+def test_a_plans_deadline_ends_the_epoch_in_progress_as_the_last(tiny_set, tmp_path):
+    """A deadline already past when the plan chooses: the epoch in progress ends after that step
+    (12 of its 14 images) and is the run's last; config.json, the metrics row, final.json and the
+    checkpoint (what a resume reads) all say one epoch, and a resume finds a finished run."""
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=FixedPlan(3, deadline=0.0))
+    assert final["epochs"] == 1 and final["steps"] == 3  # warm-up + 2 timed steps, then the deadline
+    assert final["last_epoch_images"] == 12
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["config"]["train"]["epochs"] == 1 and meta["plan"]["epochs"] == 1
+    assert meta["plan"]["why"] == "test" and "epoch 1 ended after 12 of its 14 images" in meta["plan"]["stopped"]
+    [row] = runs.read_metrics(tmp_path / "run")
+    assert row["images"] == 12 and row["step"] == 3
+    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 1
+    assert run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 1}), resume=True)["epochs"] == 1
+
+
+def test_a_deadline_at_an_epochs_end_starts_no_other_epoch(tiny_set, tmp_path):
+    plan = FixedPlan(3, deadline=0.0)
+    plan.steps = 50  # decides at epoch 1's last step: that epoch is whole
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=plan)
+    assert final["epochs"] == 1 and final["steps"] == 4
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert "before epoch 2 began" in meta["plan"]["stopped"] and meta["config"]["train"]["epochs"] == 1
+    assert "images" not in runs.read_metrics(tmp_path / "run")[0]
+
+
 def test_a_plan_that_raises_stops_the_run_before_any_checkpoint(tiny_set, tmp_path):
     class Stop(Exception):
         pass
@@ -352,3 +378,19 @@ def test_a_plan_that_raises_stops_the_run_before_any_checkpoint(tiny_set, tmp_pa
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
     with pytest.raises(ValueError, match="fresh run"):
         run(tiny_set, tmp_path / "other", plan=FixedPlan(1), resume=True)
+
+
+def test_every_choice_made_for_this_machine_is_printed_with_its_reason_and_recorded(tiny_set, tmp_path):
+    """Issue 22's rule: what a run chooses by itself (devices, loader and compute threads, the C
+    kernels) is one printed line, each choice with its reason, and config.json's "automatic"."""
+    lines = []
+    train(override(TINY, {"epochs": 1, "fused_lrn": True}), tiny_set, tmp_path / "run", log=lines.append)
+    [said] = [line for line in lines if line.startswith("chosen for this machine: ")]
+    automatic = json.loads((tmp_path / "run" / "config.json").read_text())["automatic"]
+    assert said == "chosen for this machine: " + "; ".join(automatic)
+    assert automatic[0].startswith("devices ") and "--devices chooses" in automatic[0]
+    assert "loader thread(s)" in automatic[1] and "--workers chooses" in automatic[1]
+    if torch.cuda.is_available():
+        return
+    assert "compute threads (torch's default, one per core)" in automatic[2]
+    assert automatic[3].startswith("the C kernels for the LRN and the update ")
