@@ -100,7 +100,7 @@ def test_the_budget_keeps_the_epochs_that_fit(rate, epochs, capsys):
 
 
 def test_the_budget_plans_a_last_epoch_that_its_deadline_ends(capsys):
-    """At 27 img/s two whole epochs end the job after ~8.6 minutes: the time left would train
+    """At 27 img/s two whole epochs end the job after ~8.1 minutes: the time left would train
     ~2,000 images of a third, so three are planned and training stops at the deadline, which
     leaves the last epoch's validation and the final evaluation their time within the budget."""
     b = budget()
