@@ -88,6 +88,7 @@ class Budget:
     may_shrink: bool = True   # False once the job has restarted on fewer images
     steps: int = PROBE_STEPS
     deadline: float | None = None  # set by choose: training stops there (train.Plan)
+    most: int = 0                  # the recipe's epochs, set by choose
 
     def tail(self, img_per_s: float) -> float:
         """Seconds the job needs after its training stops: the last epoch's validation and
@@ -102,7 +103,7 @@ class Budget:
                 + (epochs - 1) * between + self.tail(img_per_s))
 
     def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]:
-        most = config.train.epochs
+        most = self.most = config.train.epochs
         fits = [e for e in range(most, 0, -1) if self.estimate(e, img_per_s, images_done) <= self.seconds]
         one = self.estimate(1, img_per_s, images_done)
         if not fits and self.may_shrink:
@@ -135,6 +136,22 @@ class Budget:
         if self.deadline is not None:
             record["deadline_minutes"] = (self.deadline - self.began) / 60
         return override(config, {"epochs": epochs}), record
+
+    def extend(self, epoch_seconds: float, config: RunConfig) -> tuple[RunConfig, dict] | None:
+        """One more epoch when the last planned one ended with a tenth of an epoch's training
+        time (its own, measured: `epoch_seconds`) still left before the deadline: the first
+        steps ran slower than the epochs did. None where the recipe's epochs are all planned."""
+        if self.deadline is None or config.train.epochs >= self.most:
+            return None
+        left = self.deadline - time.time()
+        if left < MIN_PART * epoch_seconds:
+            return None
+        epochs = config.train.epochs + 1
+        why = (f"epoch {epochs} added: epoch {epochs - 1} trained in {epoch_seconds / 60:.1f} min and ended "
+               f"{left / 60:.1f} min before the deadline, time for "
+               + ("all of another" if left >= epoch_seconds else f"about {left / epoch_seconds:.0%} of another"))
+        print(f"    plan: {why}", flush=True)
+        return override(config, {"epochs": epochs}), {"epochs": epochs, f"extended to {epochs}": why}
 
 
 DATASETS = ("tiny-imagenet", "cifar10")

@@ -72,11 +72,16 @@ class Plan(Protocol):
     `deadline` (a time.time(), set by choose; None: none): training stops there. The epoch in
     progress then ends early, with the images it has trained on, and is the run's last (an
     epoch not yet begun is not started); config.json's epochs and plan say where it stopped.
-    A resumed run has no deadline: it trains the epochs its config.json holds."""
+    After the last planned epoch, if it ended before the deadline, `extend(epoch_seconds,
+    config)` may return a config with more epochs and the changes to the plan's record (or
+    None): the first steps' speed is a forecast, the epochs are a measurement. A resumed run
+    has no deadline: it trains the epochs its config.json holds."""
     steps: int
     deadline: float | None
 
     def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]: ...
+
+    def extend(self, epoch_seconds: float, config: RunConfig) -> tuple[RunConfig, dict] | None: ...
 
 
 def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:
@@ -223,6 +228,8 @@ def _train(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                 _stop_at_deadline(run, None)  # not one step of this epoch before the deadline
                 break
             _epoch(run, interrupt)
+            if run.extend is not None and run.position["epoch"] == run.last_epoch == run.config.train.epochs:
+                _extend(run)
     if run.position["epoch"] < run.config.train.epochs:
         return {"stopped_at_epoch": run.position["epoch"]}
     return _finish(run)
@@ -249,6 +256,7 @@ class _Run:
     max_epochs: int | None
     plan: Plan | None  # until the plan has chosen the epochs
     deadline: float | None  # the plan's: training stops there (Plan)
+    extend: Callable[[float, RunConfig], tuple[RunConfig, dict] | None] | None  # the plan's, once it has chosen
     eval_kw: dict
     workers: int | None
     log: Callable[[str], None]
@@ -380,7 +388,7 @@ def _setup(config: RunConfig, data_dir: Path, folder: runs.RunFolder, *, experim
                 val_set=val_set, stats=stats, model=model, step_fn=step_module(model, t, replicas),
                 optimizer=optimizer, replicas=replicas, guard=guard, position=position, history=history,
                 last_epoch=t.epochs if max_epochs is None else min(t.epochs, position["epoch"] + max_epochs),
-                max_epochs=max_epochs, plan=plan, deadline=None, workers=workers, log=log,
+                max_epochs=max_epochs, plan=plan, deadline=None, extend=None, workers=workers, log=log,
                 eval_kw=dict(batch_size=t.batch_size, device=home, precision=t.precision,
                              channels_last=t.channels_last, workers=workers, replicas=replicas))
 
@@ -426,7 +434,8 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
                 began, before = probe  # (an epoch of one batch: timed from the epoch's start)
                 rate = (images_this_run - before) / (time.perf_counter() - began)
                 config, record = run.plan.choose(rate, images_this_run, config)
-                run.config, t, run.deadline, run.plan = config, config.train, run.plan.deadline, None
+                run.config, t, run.deadline, run.extend = config, config.train, run.plan.deadline, run.plan.extend
+                run.plan = None
                 run.last_epoch = t.epochs if run.max_epochs is None else min(t.epochs, run.max_epochs)
                 run.folder.amend({"plan": record, "config": runs.config_dict(config)})
         cut = run.deadline is not None and k + 1 < per_epoch and time.time() >= run.deadline
@@ -480,6 +489,23 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
                                      "classes": run.class_ids()})
 
 
+def _extend(run: _Run) -> None:
+    """The last planned epoch ended before the plan's deadline: the plan may add epochs."""
+    more = run.extend(run.history[-1]["seconds"], run.config)
+    if more is None:
+        return
+    run.config, changes = more
+    run.last_epoch = run.config.train.epochs
+    run.save(run.position)  # a resume goes on with the added epochs too
+    _amend_plan(run, changes)
+
+
+def _amend_plan(run: _Run, changes: dict) -> None:
+    """config.json's plan with `changes`, and its config as the run now goes on."""
+    plan = runs.read_json(run.folder.path / "config.json").get("plan", {}) if run.folder.writer else {}
+    run.folder.amend({"plan": plan | changes, "config": runs.config_dict(run.config)})
+
+
 def _stop_at_deadline(run: _Run, images: int | None) -> None:
     """The plan's deadline has come: the epoch in progress (`images` trained so far in it) is the
     run's last, or, with images=None, the epoch about to begin is not started. config.json's
@@ -492,8 +518,9 @@ def _stop_at_deadline(run: _Run, images: int | None) -> None:
              else f"after epoch {epoch}, before epoch {epoch + 1} began")
     stopped = f"at the budget's deadline, {where}: {epoch} of the {planned} planned epochs"
     run.log(f"stopped {stopped}")
-    plan = runs.read_json(run.folder.path / "config.json").get("plan", {}) if run.folder.writer else {}
-    run.folder.amend({"plan": plan | {"stopped": stopped, "epochs": epoch}, "config": runs.config_dict(run.config)})
+    if images is None:
+        run.save(run.position)  # the last checkpoint's config: what a resume goes on with
+    _amend_plan(run, {"stopped": stopped, "epochs": epoch})
 
 
 def _finish(run: _Run) -> dict:

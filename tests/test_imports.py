@@ -25,13 +25,13 @@ def module_name(path: Path) -> str:
     return name.removesuffix(".__init__")
 
 
-MODULES = sorted(module_name(p) for package in PACKAGES for p in (ROOT / package).glob("*.py"))
+FILES = {module_name(p): p for package in PACKAGES for p in (ROOT / package).glob("*.py")}  # module -> file
+MODULES = sorted(FILES)
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports anywhere in its source."""
-    files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).glob("*.py")}
-    graph = {}
+    files, graph = FILES, {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()

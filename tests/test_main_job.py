@@ -117,6 +117,21 @@ def test_the_budget_plans_a_last_epoch_that_its_deadline_ends(capsys):
     assert b.choose(22.5, 224, override(PLANNED, {"epochs": 6}))[0].train.epochs == 2 and b.deadline is not None
 
 
+def test_the_budget_adds_an_epoch_when_the_epochs_run_faster_than_the_first_steps(capsys):
+    """The first steps are a forecast: where the last planned epoch ends with a tenth of an
+    epoch's time left before the deadline, one more is added (and cut by the deadline)."""
+    b = budget()
+    config, _ = b.choose(22.5, 224, override(PLANNED, {"epochs": 6}))  # 2 planned
+    b.deadline = time.time() + 100  # epoch 2 ended 100 s before it
+    more, changes = b.extend(180.0, config)
+    assert more.train.epochs == 3 and changes["epochs"] == 3
+    assert "about 56% of another" in changes["extended to 3"] and "plan: epoch 3 added" in capsys.readouterr().out
+    assert b.extend(1001.0, config) is None                                  # not a tenth of an epoch left
+    assert b.extend(180.0, override(config, {"epochs": 6})) is None          # the recipe's epochs, all planned
+    b.deadline = None
+    assert b.extend(180.0, config) is None                                   # no deadline (one epoch over the budget)
+
+
 def test_the_budget_shrinks_the_images_where_one_epoch_does_not_fit(capsys):
     with pytest.raises(main_job.TooSlow) as stop:
         budget().choose(5.0, 35, override(PLANNED, {"epochs": 6}))

@@ -313,6 +313,9 @@ class FixedPlan:
     def __init__(self, epochs, deadline=None):
         self.epochs, self.calls, self.deadline = epochs, [], deadline
 
+    def extend(self, epoch_seconds, config):
+        return None
+
     def choose(self, img_per_s, images_done, config):
         self.calls.append((img_per_s, images_done, config.train.epochs))
         return override(config, {"epochs": self.epochs}), {"epochs": self.epochs, "why": "test"}
@@ -363,7 +366,26 @@ def test_a_deadline_at_an_epochs_end_starts_no_other_epoch(tiny_set, tmp_path):
     assert final["epochs"] == 1 and final["steps"] == 4
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert "before epoch 2 began" in meta["plan"]["stopped"] and meta["config"]["train"]["epochs"] == 1
+    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 1
     assert "images" not in runs.read_metrics(tmp_path / "run")[0]
+
+
+def test_a_plan_may_add_epochs_after_its_last_one_ends_before_the_deadline(tiny_set, tmp_path):
+    """The plan chose 1 epoch; after it, extend() adds a second (once): the run trains 2, and
+    config.json, the checkpoint and final.json say 2."""
+    class Extending(FixedPlan):
+        def extend(self, epoch_seconds, config):
+            self.calls.append(("extend", epoch_seconds, config.train.epochs))
+            if config.train.epochs == 1:
+                return override(config, {"epochs": 2}), {"epochs": 2, "extended": "test"}
+            return None
+    plan = Extending(1, deadline=1e12)
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=plan)
+    assert final["epochs"] == 2 and final["steps"] == 8
+    assert [c[0] for c in plan.calls] == [plan.calls[0][0], "extend", "extend"] and plan.calls[1][1] > 0
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["plan"] == {"epochs": 2, "why": "test", "extended": "test"} and meta["config"]["train"]["epochs"] == 2
+    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 2
 
 
 def test_a_plan_that_raises_stops_the_run_before_any_checkpoint(tiny_set, tmp_path):
