@@ -516,7 +516,8 @@ def _stop_at_deadline(run: _Run, images: int | None) -> None:
     run.last_epoch = epoch
     where = (f"epoch {epoch} ended after {images:,} of its {len(run.train_set):,} images" if images is not None
              else f"after epoch {epoch}, before epoch {epoch + 1} began")
-    stopped = f"at the budget's deadline, {where}: {epoch} of the {planned} planned epochs"
+    stopped = f"at the budget's deadline: {where}" + (f" ({epoch} of the {planned} planned epochs)"
+                                                       if epoch < planned else "")
     run.log(f"stopped {stopped}")
     if images is None:
         run.save(run.position)  # the last checkpoint's config: what a resume goes on with
