@@ -448,6 +448,8 @@ def _epoch(run: _Run, interrupt: Interrupt) -> None:
             rate = images_this_run / (now - start)
             left = (per_epoch - k - 1) * t.batch_size / rate
             left += (run.last_epoch - epoch - 1) * per_epoch * t.batch_size / rate
+            if run.deadline is not None:  # training stops there whatever the speed
+                left = max(0.0, min(left, run.deadline - now))
             log(f"epoch {epoch + 1}/{t.epochs} step {k + 1}/{per_epoch} "
                 f"loss {sums['loss'] / sums['images']:.4f} ε {lr:g} {rate:.0f} img/s "
                 f"ETA {_duration(left)}")
