@@ -19,7 +19,7 @@ recipe's epochs as end the whole job within --minutes (and, where not even one e
 subset would, trains on fewer images per class), prints that plan with its ETA before going on,
 and records it in config.json ("plan") and the report. Training stops at a deadline that keeps
 the budget (the epoch in progress then ends early and is the last), and where the time left
-holds a good part of one more epoch, that epoch is planned too and ended by the deadline. Every
+holds a tenth of one more epoch, that epoch is planned too and ended by the deadline. Every
 choice made for this machine (precision, epochs, images) is printed with its reason.
 """
 
@@ -47,8 +47,9 @@ TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 # DEVIATION(§5): on a CPU the main job trains the first 10 Tiny-ImageNet classes (5,000 images,
 # 64 px photographs upsampled to 256) with batches of 32 (not 128) for at most 6 epochs (not
 # ~90), as many as the --minutes budget holds (Budget below; the last may end early, at the
-# budget's deadline), so that a newcomer's run ends within it on any CPU; the speed flags are opt-in arithmetic (bf16 only where a timed step
-# shows it faster) and are recorded in config.json. Every report row names these changes.
+# budget's deadline), so that a newcomer's run ends within it on any CPU; the speed flags are
+# opt-in arithmetic (bf16 only where a timed step shows it faster) and are recorded in
+# config.json. Every report row names these changes.
 CPU_RUN = (10, 500, 50, {"batch_size": 32, "epochs": 6, "fused_lrn": True, "fused_sgd": True,
                          "channels_last": True})
 # With a GPU: all 200 classes (100,000 / 10,000 images), the paper's batch of 128, 30 epochs.
@@ -61,7 +62,7 @@ EVAL_SPEEDUP = 2.5
 SAVE_SECONDS = 4.0
 FINISH_SECONDS = 10.0
 PROBE_STEPS = 6        # timed steps after the warm-up step; they are the run's first steps
-MIN_PART = 0.1         # a last epoch is planned to end at the deadline only with this share of its images
+MIN_PART = 0.1         # a last epoch is planned (to end at the deadline) only where this share of it fits
 LEAST_PER_CLASS = (20, 10)  # train / val images per class below which the job does not shrink
 
 
@@ -78,8 +79,8 @@ class Budget:
     """The main job's plan (train.Plan): as many of the recipe's epochs as end the whole job
     within `seconds` of `began`, from the run's own measured training speed, and a deadline
     for training that keeps the budget when the machine turns out slower than measured. Where
-    the budget leaves time for a good part of one more epoch (MIN_PART), that epoch is planned
-    too, and the deadline ends it early: the budget is spent training, not left over."""
+    the budget leaves time for a tenth of one more epoch (MIN_PART), that epoch is planned too,
+    and the deadline ends it early: the budget is spent training, not left over."""
     seconds: float
     began: float              # time.time() at the job's start
     train_images: int
