@@ -91,17 +91,19 @@ class Budget:
     deadline: float | None = None  # set by choose: training stops there (train.Plan)
     most: int = 0                  # the recipe's epochs, set by choose
 
+    def epoch_end(self, img_per_s: float) -> float:
+        """Seconds of an epoch's end: its validation (centre patch) and checkpoint."""
+        return self.val_images / (img_per_s * EVAL_SPEEDUP) + SAVE_SECONDS
+
     def tail(self, img_per_s: float) -> float:
-        """Seconds the job needs after its training stops: the last epoch's validation and
-        checkpoint, the ten-patch evaluation (the centre is the last epoch's), Fig. 3, the report."""
-        eval_rate = img_per_s * EVAL_SPEEDUP
-        return 11 * self.val_images / eval_rate + SAVE_SECONDS + FINISH_SECONDS
+        """Seconds the job needs after its training stops: the last epoch's end, the ten-patch
+        evaluation (the centre is the last epoch's), Fig. 3, the report."""
+        return self.epoch_end(img_per_s) + 10 * self.val_images / (img_per_s * EVAL_SPEEDUP) + FINISH_SECONDS
 
     def estimate(self, epochs: int, img_per_s: float, images_done: int) -> float:
         """Seconds from the job's start to its end with `epochs` whole epochs."""
-        between = self.val_images / (img_per_s * EVAL_SPEEDUP) + SAVE_SECONDS  # each earlier epoch's end
         return (time.time() - self.began + (epochs * self.train_images - images_done) / img_per_s
-                + (epochs - 1) * between + self.tail(img_per_s))
+                + (epochs - 1) * self.epoch_end(img_per_s) + self.tail(img_per_s))
 
     def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]:
         most = self.most = config.train.epochs
@@ -116,7 +118,7 @@ class Budget:
         eta = self.estimate(epochs, img_per_s, images_done)
         # The share of one more epoch's images that the time left over would train (after the
         # validation and checkpoint of what is now the last epoch).
-        left = self.seconds - eta - self.val_images / (img_per_s * EVAL_SPEEDUP) - SAVE_SECONDS
+        left = self.seconds - eta - self.epoch_end(img_per_s)
         part = left * img_per_s / self.train_images if fits and epochs < most else 0.0
         last = ""
         if part >= MIN_PART:

@@ -9,6 +9,7 @@ inside a function still counts."""
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ FILES = {module_name(p): p for package in PACKAGES for p in (ROOT / package).glo
 MODULES = sorted(FILES)
 
 
+@functools.cache  # the same source for every parametrised test: parse it once
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports anywhere in its source."""
     files, graph = FILES, {}
