@@ -215,11 +215,11 @@ def run(config: RunConfig, data: Path, out: Path, devices, argv: list[str], budg
     """Train the main job's run into `out`: report a finished one, resume an unfinished one
     (with the epochs it planned), or start one whose precision is measured and whose epochs
     the budget chooses. Returns whether it trained a fresh run."""
-    from reproduction import runs
+    from reproduction import checkpoints
     from reproduction.data import PackedSet
     from reproduction.precision import choose_precision
     from reproduction.train import synthetic_step, train
-    changes = {k: v for k, v in runs.config_dict(config)["train"].items() if v != getattr(EXPERIMENTS["paper"].train, k)}
+    changes = {k: v for k, v in checkpoints.config_dict(config)["train"].items() if v != getattr(EXPERIMENTS["paper"].train, k)}
     print(f"2/4 training the paper's net on {', '.join(map(str, devices))} -> {out}\n"
           f"    recipe: the paper's, except {changes} (a scaled-down run, at most {config.train.epochs} "
           "epochs: the plan below keeps those that fit the budget; see README)", flush=True)
@@ -229,7 +229,7 @@ def run(config: RunConfig, data: Path, out: Path, devices, argv: list[str], budg
         return False
     if (out / "checkpoint.pt").exists():
         print(f"    {out} holds an unfinished run: resuming it with its planned epochs (--new starts another)")
-        saved = runs.config_of(runs.load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
+        saved = checkpoints.config_of(checkpoints.load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
         train(saved, data, out, experiment="paper", resume=True, devices=devices, command=command)
         return False
     if out.exists() and any(out.iterdir()):

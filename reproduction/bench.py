@@ -41,7 +41,7 @@ from reproduction.evaluate import evaluate
 from reproduction.precision import autocast, native_bf16
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
-from reproduction.runs import device_name
+from reproduction.runfolder import device_name
 from reproduction.train import READ_EVERY, step_module, step_seed, synthetic_batch, synthetic_step, train_step
 
 

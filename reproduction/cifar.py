@@ -46,7 +46,8 @@ from data_prep.pack import sha256_file
 from reproduction.config import CifarConfig
 from reproduction.errors import UserError, reading
 from reproduction.optim import PaperSGD, fixed_schedule_lr
-from reproduction.runs import append_metrics, environment, git_state, read_json, read_metrics, write_json
+from reproduction.files import read_json, write_json
+from reproduction.runfolder import append_metrics, environment, git_state, read_metrics
 from reproduction.stats import epochs_to, error_curve, mean_sd, sd_to_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

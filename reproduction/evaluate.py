@@ -22,10 +22,9 @@ from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, n
 from reproduction.distributed import Distributed, parse_devices  # the same placement rule as training
 from reproduction.errors import UserError, run_cli
 from reproduction.precision import autocast
-from reproduction.runs import (config_of, evaluation_path, load_checkpoint, model_from_checkpoint, open_data,
-                               write_json)
-
-
+from reproduction.checkpoints import config_of, load_checkpoint, model_from_checkpoint
+from reproduction.files import write_json
+from reproduction.runfolder import evaluation_path, open_data
 @torch.no_grad()
 def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: Stats,
              config: DataConfig | Sequence[DataConfig], *, ten_patch: bool, batch_size: int = 128,

@@ -140,8 +140,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     # torch loads here, not when this module is imported: --help, and the report's import of
     # EXPERIMENTS, stay quick.
     from reproduction import cifar
-    from reproduction.runs import write_json
-
+    from reproduction.files import write_json
     source = cifar.cifar10_source(args.data, work, download=args.download)
     data = cifar.load_cifar10(source, work / "cifar10-native.npz", per_class=args.per_class)
     layout = cifar.cifar10_files(source)[0]

@@ -44,9 +44,9 @@ from reproduction.data import (
 from reproduction.distributed import parse_devices
 from reproduction.errors import UserError, run_cli
 from reproduction.precision import autocast
-from reproduction.runs import (CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint, open_data,
-                               write_json)
-
+from reproduction.checkpoints import CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint
+from reproduction.files import write_json
+from reproduction.runfolder import open_data
 COLUMNS = 16  # Fig. 3 draws each GPU's 48 kernels as 3 rows of 16
 
 

@@ -43,8 +43,9 @@ from reproduction.config import PAPER, AlexNetConfig, DataConfig, RunConfig
 from reproduction.data import SIDE, load_stats, ten_patch_offsets, view_batch
 from reproduction.errors import UserError
 from reproduction.model import AlexNet
-from reproduction.runs import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint, read_json
-
+from reproduction.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
+from reproduction.files import read_json
+from reproduction.runfolder import SELECTED_BY_VAL
 IMAGENET_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "imagenet_class_index.json"
 
 # What BVLC says of bvlc_alexnet (BVLC/caffe models/bvlc_alexnet/readme.md).
@@ -60,11 +61,6 @@ BVLC = {
                  "measured_on": "ILSVRC-2012 validation set, centre crop, by BVLC (readme: 57.1% top-1, "
                                 "80.2% top-5 accuracy); not measured by this project"},
 }
-BEST = "best.pt"  # beside checkpoint.pt: train.py's _save_best
-SELECTED_BY_VAL = ("best.pt is the epoch with the lowest centre-patch val top-1 error; when val is also the "
-                   "set its numbers are reported on, choosing by it is optimistic (so are the paper's: its "
-                   "learning rate was divided when the val error stopped improving, and Table 2 reports "
-                   "ILSVRC-2012 val)")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from data_prep.__main__ import main as prep_main
 from packing import colour_set, pack_set
-from reproduction import runs
+from reproduction import checkpoints
 from reproduction.bench import main as bench_main
 from reproduction.caffe import main as caffe_main
 from reproduction.evaluate import main as evaluate_main
@@ -75,7 +75,7 @@ def copy_run(world, dest: Path, *, checkpoint: bool = True) -> Path:
     the copy a new inode, which the fingerprint sees, and never touch the original)."""
     dest.mkdir(parents=True)
     for f in world["run"].iterdir():
-        if f.name == runs.CHECKPOINT:
+        if f.name == checkpoints.CHECKPOINT:
             if checkpoint:
                 os.link(f, dest / f.name)
         elif f.is_file():
@@ -173,9 +173,9 @@ def run_folder_cases():
 
     def resume_mid_epoch_other_batch(w, t):
         out = copy_run(w, t / "run", checkpoint=False)
-        state = runs.load_checkpoint(w["run"] / runs.CHECKPOINT)
+        state = checkpoints.load_checkpoint(w["run"] / checkpoints.CHECKPOINT)
         state["position"] = {"epoch": 0, "batch": 2, "step": 2, "sums": state["position"]["sums"]}
-        torch.save(state, out / runs.CHECKPOINT)
+        torch.save(state, out / checkpoints.CHECKPOINT)
         return Case(["--resume", "--out", str(out), *TINY_SET, "--set", "batch_size=3"], "batch_size", [out])
 
     def resume_other_data(w, t):
@@ -186,10 +186,10 @@ def run_folder_cases():
     def resume_damaged(kind):
         def build(w, t):
             out = copy_run(w, t / "run", checkpoint=False)
-            src = w["run"] / runs.CHECKPOINT
+            src = w["run"] / checkpoints.CHECKPOINT
             {"truncated": lambda p: truncated(src, p), "garbage": garbage, "empty": lambda p: garbage(p, b""),
-             "foreign": bare_state_dict, "text": lambda p: garbage(p, b"hello\n")}[kind](out / runs.CHECKPOINT)
-            return Case(["--resume", "--out", str(out), *TINY_SET], str(out / runs.CHECKPOINT), [out])
+             "foreign": bare_state_dict, "text": lambda p: garbage(p, b"hello\n")}[kind](out / checkpoints.CHECKPOINT)
+            return Case(["--resume", "--out", str(out), *TINY_SET], str(out / checkpoints.CHECKPOINT), [out])
         return build
 
     def resume_corrupt_metrics(w, t):
@@ -213,7 +213,7 @@ def run_folder_cases():
 
     def resume_architecture_change(w, t):
         out = copy_run(w, t / "run")
-        return Case(["--resume", "--out", str(out), *TINY_SET, "--set", "towers=1"], str(out / runs.CHECKPOINT), [out])
+        return Case(["--resume", "--out", str(out), *TINY_SET, "--set", "towers=1"], str(out / checkpoints.CHECKPOINT), [out])
 
     def data_missing(w, t):
         return Case(["--data", str(t / "absent"), "--out", str(t / "run"), *TINY_SET], str(t / "absent"))
@@ -267,7 +267,7 @@ def run_folder_cases():
             elif kind == "foreign":
                 bare_state_dict(path)
             elif kind == "truncated":
-                truncated(w["run"] / runs.CHECKPOINT, path)
+                truncated(w["run"] / checkpoints.CHECKPOINT, path)
             return Case(["--init-from", str(path), "--data", str(w["data"]), "--out", str(t / "run"), *TINY_SET],
                         str(path))
         return build
@@ -310,17 +310,17 @@ def evaluate_cases():
         def build(w, t):
             path = t / "checkpoint.pt"
             {"garbage": garbage, "foreign": bare_state_dict, "missing": lambda p: None, "empty": lambda p: garbage(p, b""),
-             "truncated": lambda p: truncated(w["run"] / runs.CHECKPOINT, p)}[kind](path)
+             "truncated": lambda p: truncated(w["run"] / checkpoints.CHECKPOINT, p)}[kind](path)
             return Case(["--checkpoint", str(path), "--data", str(w["data"]), "--device", "cpu"], str(path), [t])
         return build
 
     def run_args(w, t, *extra):
         out = copy_run(w, t / "run")
-        return out, ["--checkpoint", str(out / runs.CHECKPOINT), "--data", str(w["data"]), *extra]
+        return out, ["--checkpoint", str(out / checkpoints.CHECKPOINT), "--data", str(w["data"]), *extra]
 
     def towers_mismatch(w, t):
         out, argv = run_args(w, t, "--device", "cpu,cpu,cpu")
-        return Case(argv, str(out / runs.CHECKPOINT), [out])
+        return Case(argv, str(out / checkpoints.CHECKPOINT), [out])
 
     def batch_zero(w, t):
         out, argv = run_args(w, t, "--device", "cpu", "--batch-size", "0")
@@ -329,7 +329,7 @@ def evaluate_cases():
     def unprepared(w, t):
         out = copy_run(w, t / "run")
         (t / "raw").mkdir()
-        return Case(["--checkpoint", str(out / runs.CHECKPOINT), "--data", str(t / "raw"), "--device", "cpu"],
+        return Case(["--checkpoint", str(out / checkpoints.CHECKPOINT), "--data", str(t / "raw"), "--device", "cpu"],
                     str(t / "raw"), [out])
 
     def into_final(w, t):
@@ -345,7 +345,7 @@ def evaluate_cases():
                                      "val": [(np.zeros((32, 32, 3), np.uint8), i) for i in range(5)]}, num_classes=5)
         out, argv = run_args(w, t, "--device", "cpu")
         argv[3] = str(five)
-        return Case(argv, str(out / runs.CHECKPOINT), [out, five])
+        return Case(argv, str(out / checkpoints.CHECKPOINT), [out, five])
 
     return [
         ("evaluate", "missing checkpoint", checkpoint("missing")),
@@ -373,18 +373,18 @@ def other_command_cases():
             if kind == "garbage":
                 garbage(path)
             elif kind == "truncated":
-                truncated(w["run"] / runs.CHECKPOINT, path)
+                truncated(w["run"] / checkpoints.CHECKPOINT, path)
             elif kind == "foreign":
                 bare_state_dict(path)
             return Case(["--checkpoint", str(path), str(image(t)), "--data", str(w["data"])], str(path), [t])
         return build
 
     def predict_top(w, t):
-        return Case(["--checkpoint", str(w["run"] / runs.CHECKPOINT), str(image(t)), "--top", "-1"], "--top")
+        return Case(["--checkpoint", str(w["run"] / checkpoints.CHECKPOINT), str(image(t)), "--top", "-1"], "--top")
 
     def filters(scale, kind="run"):
         def build(w, t):
-            path = w["run"] / runs.CHECKPOINT
+            path = w["run"] / checkpoints.CHECKPOINT
             if kind == "garbage":
                 path = garbage(t / "c.pt")
             elif kind == "foreign":
@@ -395,7 +395,7 @@ def other_command_cases():
 
     def neighbours_unprepared(w, t):
         (t / "raw").mkdir()
-        return Case(["neighbours", "--checkpoint", str(w["run"] / runs.CHECKPOINT), "--data", str(t / "raw"),
+        return Case(["neighbours", "--checkpoint", str(w["run"] / checkpoints.CHECKPOINT), "--data", str(t / "raw"),
                      "--out", str(t / "n.png"), "--device", "cpu"], str(t / "raw"), [t])
 
     def caffe_beside_stats(w, t):
@@ -588,7 +588,7 @@ def test_a_non_finite_run_never_ends_as_a_result(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "non-finite" in err and "Traceback" not in err
     assert "no checkpoint was written" in err  # it does not claim a checkpoint it never wrote
-    assert not (out / "final.json").exists() and not (out / runs.CHECKPOINT).exists()
+    assert not (out / "final.json").exists() and not (out / checkpoints.CHECKPOINT).exists()
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
     assert find_runs(tmp_path / "results") == []
 
@@ -597,7 +597,7 @@ def test_evaluate_writes_its_own_file_and_the_report_still_reads_the_run(world, 
     results = tmp_path / "results"
     out = copy_run(world, results / "runs" / "paper" / "seed3")
     final = (out / "final.json").read_text()
-    assert evaluate_main(["--checkpoint", str(out / runs.CHECKPOINT), "--data", str(world["data"]),
+    assert evaluate_main(["--checkpoint", str(out / checkpoints.CHECKPOINT), "--data", str(world["data"]),
                           "--device", "cpu"]) == 0
     assert (out / "final.json").read_text() == final  # the run's record is never replaced
     assert json.loads((out / "eval-val.json").read_text())["split"] == "val"
@@ -656,7 +656,7 @@ def test_a_damaged_jpeg_in_the_packed_set_is_named_and_the_progress_kept(world, 
     assert train_main(["--data", str(data), "--out", str(out), *TINY_SET, "--set", *RECIPE]) == 2
     err = capsys.readouterr().err
     assert f"image {victim} (train_{victim}.JPEG)" in err and "train.jpg.bin" in err and "Traceback" not in err
-    assert runs.load_checkpoint(out / runs.CHECKPOINT)["position"]["batch"] == 1  # the step before it
+    assert checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)["position"]["batch"] == 1  # the step before it
 
 
 def test_experiments_cache_follows_its_source(tmp_path, monkeypatch):
@@ -718,7 +718,7 @@ def test_sigterm_checkpoints_and_a_second_trainer_refuses(world, tmp_path, capsy
         a.kill()
     assert a.returncode == 130, err
     assert "interrupt (SIGTERM)" in err and "Traceback" not in err
-    position = runs.load_checkpoint(out / runs.CHECKPOINT)["position"]
+    position = checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)["position"]
     assert position["batch"] > 0 and position["step"] > 4  # mid-epoch, after the finished epoch's 4 steps
     assert train_main(["--resume", "--out", str(out), *TINY_SET, "--set", f"epochs={position['epoch'] + 1}"]) == 0
     assert json.loads((out / "final.json").read_text())["epochs"] == position["epoch"] + 1
@@ -726,14 +726,14 @@ def test_sigterm_checkpoints_and_a_second_trainer_refuses(world, tmp_path, capsy
 
 def test_sigkill_mid_write_keeps_the_old_checkpoint_and_the_next_start_cleans_up(world, tmp_path, capsys):
     out = copy_run(world, tmp_path / "run")
-    old = fingerprint(out / runs.CHECKPOINT)
+    old = fingerprint(out / checkpoints.CHECKPOINT)
     script = (
         "import sys, time, torch\n"
-        "from reproduction import runs\n"
+        "from pathlib import Path\nfrom reproduction import checkpoints\n"
         "def slow_save(obj, f):\n"
         "    f.write(b'half a checkpoint' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"
         "torch.save = slow_save\n"
-        f"runs.save_checkpoint(runs.Path({str(out / runs.CHECKPOINT)!r}), {{'model': {{}}}})\n")
+        f"checkpoints.save_checkpoint(Path({str(out / checkpoints.CHECKPOINT)!r}), {{'model': {{}}}})\n")
     p = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "writing"
@@ -741,7 +741,7 @@ def test_sigkill_mid_write_keeps_the_old_checkpoint_and_the_next_start_cleans_up
         p.wait(timeout=30)
     finally:
         p.kill()
-    assert fingerprint(out / runs.CHECKPOINT) == old and runs.load_checkpoint(out / runs.CHECKPOINT)["position"]
+    assert fingerprint(out / checkpoints.CHECKPOINT) == old and checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)["position"]
     assert len(list(out.glob(".checkpoint.pt.*.tmp"))) == 1  # what the kill left
     assert train_main(["--resume", "--out", str(out), *TINY_SET]) == 0  # the next start
     assert not list(out.glob(".*.tmp"))

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from packing import colour_set
-from reproduction import runs
+from reproduction import checkpoints, files, runfolder
 from reproduction.config import DataConfig, RunConfig
 from reproduction.data import PackedSet, load_stats, shard_range, train_batches
 from reproduction.evaluate import final_metrics
@@ -137,8 +137,8 @@ def test_two_replicas_take_the_one_process_steps(seven, two, tmp_path):
         assert train_main(_command(seven, tmp_path / "one")) == 0
     finally:
         torch.set_num_threads(threads)
-    one = runs.load_checkpoint(tmp_path / "one" / runs.CHECKPOINT)
-    replicas = runs.load_checkpoint(two["straight"] / runs.CHECKPOINT)
+    one = checkpoints.load_checkpoint(tmp_path / "one" / checkpoints.CHECKPOINT)
+    replicas = checkpoints.load_checkpoint(two["straight"] / checkpoints.CHECKPOINT)
     assert replicas["position"] == one["position"] | {"sums": replicas["position"]["sums"]}
     assert one["position"]["step"] == 3
     # Float tolerance: the replicas add the gradient in a different order (2 + 1 images, then
@@ -148,10 +148,10 @@ def test_two_replicas_take_the_one_process_steps(seven, two, tmp_path):
         assert close(replicas["model"][key], value), key
     for i, state in one["optimizer"]["state"].items():
         assert close(replicas["optimizer"]["state"][i]["velocity"], state["velocity"]), i
-    [row_one], [row_two] = runs.read_metrics(tmp_path / "one"), runs.read_metrics(two["straight"])  # rank 0 wrote once
+    [row_one], [row_two] = runfolder.read_metrics(tmp_path / "one"), runfolder.read_metrics(two["straight"])  # rank 0 wrote once
     assert row_two["train_loss"] == pytest.approx(row_one["train_loss"], rel=1e-5)
     assert row_two["val_top1_error"] == row_one["val_top1_error"]
-    meta = runs.read_json(two["straight"] / "config.json")
+    meta = files.read_json(two["straight"] / "config.json")
     assert meta["distributed"] == {"world_size": 2, "backend": "gloo", "timeout_s": 600.0, "global_batch": 3}
 
 
@@ -159,8 +159,8 @@ def test_sharded_ten_patch_evaluation_equals_one_process(seven, two):
     """The two replicas' final.json against one process evaluating the same weights: 7 images in
     batches of 3, rank 0 takes batches 0 and 2 (the single image at the end), rank 1 batch 1.
     Counts add up exactly, the loss sum (which tells the images apart) to float rounding."""
-    sharded = runs.read_json(two["straight"] / "final.json")
-    model, config = runs.model_from_checkpoint(runs.load_checkpoint(two["straight"] / runs.CHECKPOINT))
+    sharded = files.read_json(two["straight"] / "final.json")
+    model, config = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(two["straight"] / checkpoints.CHECKPOINT))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -180,15 +180,15 @@ def test_interrupt_on_one_rank_then_resume_matches_the_uninterrupted_run(two):
     saves; a resume under 2 processes then ends bit-identical to the run never interrupted."""
     assert two["codes"][1] == ("130", "130") and two["codes"][2] == ("0", "0")
     out = two["resumed"]
-    assert runs.read_json(out / "config.json")["resumed"][0]["at"] == "epoch 1, batch 2 (step 2)"
-    assert runs.read_json(out / "config.json")["resumed"][0]["world_size"] == 2
-    straight = runs.load_checkpoint(two["straight"] / runs.CHECKPOINT)
-    resumed = runs.load_checkpoint(out / runs.CHECKPOINT)
+    assert files.read_json(out / "config.json")["resumed"][0]["at"] == "epoch 1, batch 2 (step 2)"
+    assert files.read_json(out / "config.json")["resumed"][0]["world_size"] == 2
+    straight = checkpoints.load_checkpoint(two["straight"] / checkpoints.CHECKPOINT)
+    resumed = checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     drop = ("seconds", "img_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
-    assert strip(runs.read_metrics(out)) == strip(runs.read_metrics(two["straight"]))
+    assert strip(runfolder.read_metrics(out)) == strip(runfolder.read_metrics(two["straight"]))
 
 
 def test_a_failing_rank_stops_the_others_with_a_message(two):

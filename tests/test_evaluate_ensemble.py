@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from packing import colour_set
-from reproduction import runs
+from reproduction import checkpoints
 from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet, average_softmax, eval_batches, load_stats
 from reproduction.evaluate import main as evaluate_main
@@ -43,7 +43,7 @@ def members(tmp_path_factory):
             model.fc8.weight_a.mul_(50)
         path = root / f"m{k}" / "checkpoint.pt"
         path.parent.mkdir()
-        runs.save_checkpoint(path, {"model": model.state_dict(), "config": runs.config_dict(config),
+        checkpoints.save_checkpoint(path, {"model": model.state_dict(), "config": checkpoints.config_dict(config),
                                     "epoch": 0, "classes": [c["id"] for c in manifest["classes"]]})
         paths.append(path)
     return data, paths
@@ -53,7 +53,7 @@ def hand_probs(data, paths) -> tuple[list[torch.Tensor], torch.Tensor]:
     dataset, stats = PackedSet(data, "val"), load_stats(data)
     per_model = []
     for path in paths:
-        model, config = runs.model_from_checkpoint(runs.load_checkpoint(path))
+        model, config = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(path))
         model.eval()
         outs, labels = [], []
         with torch.no_grad():
@@ -90,10 +90,10 @@ def test_ensemble_averages_the_models_softmax(members, tmp_path, capsys):
 
 def test_ensemble_refuses_other_class_lists(members, tmp_path, capsys):
     data, paths = members
-    state = runs.load_checkpoint(paths[1])
+    state = checkpoints.load_checkpoint(paths[1])
     state["classes"] = list(reversed(state["classes"]))
     other = tmp_path / "other.pt"
-    runs.save_checkpoint(other, state)
+    checkpoints.save_checkpoint(other, state)
     code = exit_code(lambda: evaluate_main(["--checkpoint", str(paths[0]), str(other), "--data", str(data),
                                             "--device", "cpu", "--output", str(tmp_path / "x.json")]))
     assert code == 2 and "another class list" in capsys.readouterr().err

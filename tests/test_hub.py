@@ -17,14 +17,15 @@ from torchvision.models import AlexNet_Weights
 import caffe_wire
 import reproduction
 from packing import colour_set
-from reproduction import runs
+from reproduction import checkpoints
 from reproduction import train as train_module
 from reproduction import caffe as caffe_module
 from reproduction.caffe import BVLC_SHA1, BVLC_URL, CAFFE
 from reproduction.config import RunConfig, override
 from reproduction.data import load_stats
 from reproduction.model import AlexNet
-from reproduction.weights import BEST, BVLC, Weights, caffe_licence
+from reproduction.runfolder import BEST
+from reproduction.weights import BVLC, Weights, caffe_licence
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -58,8 +59,8 @@ def staged_run(tiny_set, tmp_path_factory):
     try:
         kw = dict(devices=(torch.device("cpu"),), workers=0, log=lambda s: None)
         train_module.train(TINY, tiny_set, out, max_epochs=2, **kw)
-        after_two = runs.load_checkpoint(out / runs.CHECKPOINT)["model"]
-        best_then = runs.load_checkpoint(out / BEST)
+        after_two = checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)["model"]
+        best_then = checkpoints.load_checkpoint(out / BEST)
         train_module.train(TINY, tiny_set, out, resume=True, **kw)
     finally:
         train_module.evaluate = real
@@ -78,20 +79,21 @@ def test_hub_alexnet_is_the_papers_net_or_any_config():
 
 def test_best_pt_is_the_lowest_val_error_and_says_it_is_optimistic(staged_run):
     out, after_two, best_then = staged_run
-    best = runs.load_checkpoint(out / BEST)
+    best = checkpoints.load_checkpoint(out / BEST)
     assert best["best"]["epochs_trained"] == 2 and best["best"]["val_top1_error"] == 0.3  # not the last (0.4)
     assert best_then["epoch"] == 2  # written at epoch 2, kept through epoch 3 and the resume
     for k, v in after_two.items():
         assert torch.equal(best["model"][k], v), k
     assert best["optimizer"] is None and best["position"] is None
-    meta = json.loads((out / "config.json").read_text())
-    assert meta["best_checkpoint"]["epochs_trained"] == 2 and "optimistic" in meta["best_checkpoint"]["note"]
-    assert runs.load_checkpoint(out / runs.CHECKPOINT)["epoch"] == 3
+    final = json.loads((out / "final.json").read_text())
+    assert final["best_checkpoint"]["epochs_trained"] == 2 and "optimistic" in final["best_checkpoint"]["note"]
+    assert best["best"]["epochs_trained"] == 2
+    assert checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)["epoch"] == 3
 
 
 def test_hub_loads_a_checkpoint_with_its_weights_record(staged_run, tiny_set):
     out, _, _ = staged_run
-    model = hub("alexnet", weights=out / runs.CHECKPOINT)
+    model = hub("alexnet", weights=out / checkpoints.CHECKPOINT)
     w = model.weights
     assert not model.training and w.config.model.num_classes == 4
     manifest = json.loads((tiny_set / "manifest.json").read_text())
@@ -115,7 +117,7 @@ def test_transforms_are_the_papers_test_pipeline(staged_run):
     """PIL image or uint8 tensor of any size → §2 (shorter side, central square) → centre patch
     minus the mean's centre (mean="centre"); ten_patch: §4.1's ten views."""
     out, _, _ = staged_run
-    w = reproduction.alexnet(weights=out / runs.CHECKPOINT).weights
+    w = reproduction.alexnet(weights=out / checkpoints.CHECKPOINT).weights
     rng = np.random.default_rng(7)
     pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)  # taller than wide
     pil = Image.fromarray(pixels)

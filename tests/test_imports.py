@@ -69,11 +69,11 @@ def test_import_graph_reader_sees_function_local_imports():
     graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
     assert circle_through(graph, "a") == ["a", "b", "a"] and circle_through(graph, "c") is None
     found = import_graph()
-    assert "reproduction.runs" in found["reproduction.report"]      # imported inside find_runs
+    assert "reproduction.runfolder" in found["reproduction.report"]  # imported inside find_runs
     assert "reproduction.stats" in found["reproduction.cifar"]
     assert "data_prep.stats" in found["data_prep.pack"]              # from . import image, stats
     assert "reproduction.distributed" in found["reproduction.evaluate"]
-    assert "reproduction.train" not in found["reproduction.evaluate"]  # the circle issue 24 named
+    assert "reproduction.train" not in found["reproduction.evaluate"]
 
 
 @pytest.mark.parametrize("module", MODULES)

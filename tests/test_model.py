@@ -430,14 +430,14 @@ def test_depth_variants_shapes_counts_and_gradients(name):
 def test_fine_tuning_carries_the_sixth_layer(tmp_path):
     """Table 2's 1 CNN*: pre-trained with conv6 on another class set, then fine-tuned (--init-from
     takes the architecture from the checkpoint, load_pretrained copies every layer but fc8)."""
-    from reproduction import runs
+    from reproduction import checkpoints
     from reproduction.config import RunConfig, override
     from reproduction.train import load_pretrained
     source = override(RunConfig(), {"conv6": True, "num_classes": 7})
     torch.manual_seed(1)
     pre = AlexNet(source.model)
     path = tmp_path / "pre.pt"
-    runs.save_checkpoint(path, {"model": pre.state_dict(), "config": runs.config_dict(source), "epoch": 0})
+    checkpoints.save_checkpoint(path, {"model": pre.state_dict(), "config": checkpoints.config_dict(source), "epoch": 0})
     torch.manual_seed(2)
     tuned = AlexNet(override(source.model, {"num_classes": 4}))
     note = load_pretrained(tuned, path)

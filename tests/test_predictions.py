@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from packing import colour_set
-from reproduction import runs
+from reproduction import checkpoints
 from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet
 from reproduction.evaluate import main as evaluate_main, write_predictions
@@ -35,7 +35,7 @@ def sets(tmp_path_factory):
     # Refused before the model is built: a checkpoint with the right class count and no weights will do.
     ckpt = root / "run" / "checkpoint.pt"
     ckpt.parent.mkdir()
-    runs.save_checkpoint(ckpt, {"model": {}, "config": runs.config_dict(override(RunConfig(), {"num_classes": 4})),
+    checkpoints.save_checkpoint(ckpt, {"model": {}, "config": checkpoints.config_dict(override(RunConfig(), {"num_classes": 4})),
                                 "epoch": 0})
     return plain, with_ids, ckpt
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reproduction import runs
+from reproduction import checkpoints
 from reproduction.config import RunConfig, override
 from reproduction.report import write_report
 
@@ -18,7 +18,7 @@ def fake_run(folder: Path, *, dataset: str, experiment: str, top1: float, seed: 
              changes: dict | None = None, init_from: str | None = None, classes: int = 1000) -> Path:
     config = override(RunConfig(), {"seed": seed, "num_classes": classes, **(changes or {})})
     folder.mkdir(parents=True)
-    meta = {"experiment": experiment, "config": runs.config_dict(config), "command": ["python", "-m", "x"],
+    meta = {"experiment": experiment, "config": checkpoints.config_dict(config), "command": ["python", "-m", "x"],
             "environment": {"device_names": ["test GPU"], "torch": "t"}, "seed": seed, "init_from": init_from,
             "data": {"path": "d", "dataset": dataset, "classes": classes, "train_images": 10, "val_images": 5}}
     result = {"top1_error": top1, "top5_error": top1 / 2, "loss": 1.0, "images": 5}

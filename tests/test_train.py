@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from packing import colour_set
-from reproduction import runs
+from reproduction import checkpoints, runfolder
 from reproduction.config import DataConfig, RunConfig, override
 from reproduction.data import PackedSet, load_stats
 from reproduction.errors import UserError
@@ -55,7 +55,7 @@ def test_a_run_writes_a_self_describing_folder(tiny_set, finished_run):
     assert {"sha", "dirty"} <= set(meta["git"]) and meta["environment"]["torch"] == torch.__version__
     assert meta["precision"] == {"precision": "fp32", "channels_last": False, "compile": False,
                                  "deterministic": False}
-    rows = runs.read_metrics(tmp_path / "run")
+    rows = runfolder.read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [4, 8]
     for key in ("train_loss", "train_error", "val_top1_error", "val_top5_error", "lr", "img_per_s", "seconds"):
         assert all(key in r for r in rows), key
@@ -68,8 +68,8 @@ def test_a_run_writes_a_self_describing_folder(tiny_set, finished_run):
 
 def test_evaluate_command_reproduces_the_final_numbers(tiny_set, finished_run, tmp_path, capsys):
     out, final = finished_run
-    checkpoint = tmp_path / runs.CHECKPOINT
-    checkpoint.write_bytes((out / runs.CHECKPOINT).read_bytes())
+    checkpoint = tmp_path / checkpoints.CHECKPOINT
+    checkpoint.write_bytes((out / checkpoints.CHECKPOINT).read_bytes())
     assert evaluate_main(["--checkpoint", str(checkpoint), "--data", str(tiny_set), "--device", "cpu"]) == 0
     again = json.loads((tmp_path / "eval-val.json").read_text())  # its own file: final.json is the run's
     assert not (tmp_path / "final.json").exists()
@@ -85,7 +85,7 @@ def test_opt_in_bf16_and_channels_last_train_and_are_recorded(tiny_set, tmp_path
     final = run(tiny_set, tmp_path / "run", config)
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["precision"]["precision"] == "bf16" and meta["precision"]["channels_last"] is True
-    row = runs.read_metrics(tmp_path / "run")[0]
+    row = runfolder.read_metrics(tmp_path / "run")[0]
     assert math.isfinite(row["train_loss"]) and 0 <= final["ten_patch"]["top1_error"] <= 1
 
 
@@ -94,7 +94,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_set, tmp_path, monkey
     and metrics, to the bit (CPU)."""
     config = override(TINY, {"epochs": 2})
     run(tiny_set, tmp_path / "straight", config)
-    straight = runs.load_checkpoint(tmp_path / "straight" / runs.CHECKPOINT)
+    straight = checkpoints.load_checkpoint(tmp_path / "straight" / checkpoints.CHECKPOINT)
 
     original_step = PaperSGD.step
     calls = []
@@ -110,10 +110,10 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_set, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run(tiny_set, tmp_path / "resumed", config)
     monkeypatch.setattr(PaperSGD, "step", original_step)
-    half = runs.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT)
+    half = checkpoints.load_checkpoint(tmp_path / "resumed" / checkpoints.CHECKPOINT)
     assert half["position"]["epoch"] == 0 and half["position"]["batch"] == 3
     run(tiny_set, tmp_path / "resumed", config, resume=True)
-    resumed = runs.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT)
+    resumed = checkpoints.load_checkpoint(tmp_path / "resumed" / checkpoints.CHECKPOINT)
 
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
@@ -122,14 +122,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_set, tmp_path, monkey
     assert all(torch.equal(v_straight[i]["velocity"], v_resumed[i]["velocity"]) for i in v_straight)
     drop = ("seconds", "img_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
-    assert strip(runs.read_metrics(tmp_path / "resumed")) == strip(runs.read_metrics(tmp_path / "straight"))
+    assert strip(runfolder.read_metrics(tmp_path / "resumed")) == strip(runfolder.read_metrics(tmp_path / "straight"))
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["resumed"][0]["changed"] == ""
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(finished_run, tmp_path, monkeypatch):
-    path = tmp_path / runs.CHECKPOINT
-    path.write_bytes((finished_run[0] / runs.CHECKPOINT).read_bytes())
-    before = runs.load_checkpoint(path)
+    path = tmp_path / checkpoints.CHECKPOINT
+    path.write_bytes((finished_run[0] / checkpoints.CHECKPOINT).read_bytes())
+    before = checkpoints.load_checkpoint(path)
 
     def torn_save(obj, f):
         f.write(b"half a checkpoint")
@@ -137,8 +137,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(finished_run
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        runs.save_checkpoint(path, {"model": {}})
-    after = runs.load_checkpoint(path)
+        checkpoints.save_checkpoint(path, {"model": {}})
+    after = checkpoints.load_checkpoint(path)
     assert after["position"] == before["position"]
     assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
@@ -252,12 +252,12 @@ def test_finetune_from_a_checkpoint_on_five_real_tiny_imagenet_classes(shared_da
     data = tmp_path / "tiny5"
     assert prep(["tiny-imagenet", str(shared_data / "tiny-imagenet-200"), "--out", str(data), "--classes", "5",
                  "--limit-per-class", "3", "--val-limit-per-class", "2", "--workers", "1", "--no-hash"]) == 0
-    source = finished_run[0] / runs.CHECKPOINT
+    source = finished_run[0] / checkpoints.CHECKPOINT
     out = tmp_path / "finetune"
     frozen = "conv1,conv2,conv3,conv4,conv5,fc6,fc7"
     assert train_main(["--init-from", str(source), "--data", str(data), "--out", str(out), "--devices", "cpu",
                        "--workers", "0", "--set", "epochs=1", "batch_size=5", f"freeze={frozen}"]) == 0
-    before, after = runs.load_checkpoint(source)["model"], runs.load_checkpoint(out / runs.CHECKPOINT)["model"]
+    before, after = checkpoints.load_checkpoint(source)["model"], checkpoints.load_checkpoint(out / checkpoints.CHECKPOINT)["model"]
     for layer in frozen.split(","):
         assert torch.equal(after[f"{layer}.weight"], before[f"{layer}.weight"]), layer
     assert after["fc8.weight"].shape == (5, 4096) and before["fc8.weight"].shape == (4, 4096)
@@ -266,7 +266,7 @@ def test_finetune_from_a_checkpoint_on_five_real_tiny_imagenet_classes(shared_da
     assert meta["config"]["train"]["freeze"] == frozen.split(",") and meta["config"]["model"]["num_classes"] == 5
     final = json.loads((out / "final.json").read_text())
     assert final["centre"]["images"] == 10  # 5 classes × 2 real val images
-    assert runs.read_metrics(out)[0]["step"] == 3
+    assert runfolder.read_metrics(out)[0]["step"] == 3
     # fc8 started from §5's fresh initialisation (same seed, same draws) and, not frozen, was trained
     from reproduction.config import RunConfig, from_dict
     from reproduction.model import AlexNet
@@ -277,7 +277,7 @@ def test_finetune_from_a_checkpoint_on_five_real_tiny_imagenet_classes(shared_da
 
 
 def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, capsys):
-    source = finished_run[0] / runs.CHECKPOINT
+    source = finished_run[0] / checkpoints.CHECKPOINT
     with pytest.raises(SystemExit):  # the checkpoint fixes the architecture: no --experiment
         train_main(["--init-from", str(source), "--experiment", "no_lrn", "--data", str(tiny_set),
                     "--out", str(tmp_path / "x")])
@@ -332,8 +332,8 @@ def test_a_plan_chooses_the_epochs_after_its_timed_steps(tiny_set, tmp_path):
     assert final["epochs"] == 1 and final["steps"] == 4
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["plan"] == {"epochs": 1, "why": "test"} and meta["config"]["train"]["epochs"] == 1
-    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 1
-    assert len(runs.read_metrics(tmp_path / "run")) == 1
+    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 1
+    assert len(runfolder.read_metrics(tmp_path / "run")) == 1
 
 
 def test_a_plan_on_an_epoch_shorter_than_its_steps_decides_at_the_epoch_end(tiny_set, tmp_path):
@@ -353,9 +353,9 @@ def test_a_plans_deadline_ends_the_epoch_in_progress_as_the_last(tiny_set, tmp_p
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["config"]["train"]["epochs"] == 1 and meta["plan"]["epochs"] == 1
     assert meta["plan"]["why"] == "test" and "epoch 1 ended after 12 of its 14 images" in meta["plan"]["stopped"]
-    [row] = runs.read_metrics(tmp_path / "run")
+    [row] = runfolder.read_metrics(tmp_path / "run")
     assert row["images"] == 12 and row["step"] == 3
-    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 1
     assert run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 1}), resume=True)["epochs"] == 1
 
 
@@ -366,8 +366,8 @@ def test_a_deadline_at_an_epochs_end_starts_no_other_epoch(tiny_set, tmp_path):
     assert final["epochs"] == 1 and final["steps"] == 4
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert "before epoch 2 began" in meta["plan"]["stopped"] and meta["config"]["train"]["epochs"] == 1
-    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 1
-    assert "images" not in runs.read_metrics(tmp_path / "run")[0]
+    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 1
+    assert "images" not in runfolder.read_metrics(tmp_path / "run")[0]
 
 
 def test_a_plan_may_add_epochs_after_its_last_one_ends_before_the_deadline(tiny_set, tmp_path):
@@ -385,7 +385,7 @@ def test_a_plan_may_add_epochs_after_its_last_one_ends_before_the_deadline(tiny_
     assert [c[0] for c in plan.calls] == [plan.calls[0][0], "extend", "extend"] and plan.calls[1][1] > 0
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["plan"] == {"epochs": 2, "why": "test", "extended": "test"} and meta["config"]["train"]["epochs"] == 2
-    assert runs.load_checkpoint(tmp_path / "run" / runs.CHECKPOINT)["config"]["train"]["epochs"] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 2
 
 
 def test_a_plan_that_raises_stops_the_run_before_any_checkpoint(tiny_set, tmp_path):

@@ -19,33 +19,29 @@ metrics.jsonl (lines after it, or a line torn by a kill, are dropped, and the dr
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 import torchvision
 
-from reproduction.config import RunConfig, from_dict
+from reproduction.config import RunConfig
 from reproduction.errors import UserError, reading
-from reproduction.model import AlexNet
+from reproduction.checkpoints import CHECKPOINT, config_dict, load_checkpoint, save_checkpoint
+from reproduction.files import atomic_write, dumps, finite, read_json, read_json_file, write_json
 
-CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("config.json", "metrics.jsonl", "final.json", CHECKPOINT, "best.pt")
-CHECKPOINT_ADVICE = "pass a checkpoint.pt written by reproduction.train (or reproduction.caffe)"
-
-
-class NonFinite(UserError):
-    """A run produced a NaN or an infinity; it is never recorded as a result."""
-    exit_code = 1
+BEST = "best.pt"  # the weights of the epoch with the lowest centre-patch val top-1 error (loop.py)
+RUN_FILES = ("config.json", "metrics.jsonl", "final.json", CHECKPOINT, BEST)
+SELECTED_BY_VAL = ("best.pt is the epoch with the lowest centre-patch val top-1 error; when val is also the "
+                   "set its numbers are reported on, choosing by it is optimistic (so are the paper's: its "
+                   "learning rate was divided when the val error stopped improving, and Table 2 reports "
+                   "ILSVRC-2012 val)")
 
 
 def git_state() -> dict:
@@ -82,70 +78,6 @@ def environment(devices: Sequence[torch.device]) -> dict:
             "torchvision": torchvision.__version__, "devices": [str(d) for d in devices],
             "device_names": names, "cpu_threads": torch.get_num_threads()}
 
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def read_json_file(path: Path, what: str, advice: str) -> Any:
-    """read_json for a file a user handed us: any failure is one line naming the file."""
-    with reading(path, what, advice):
-        return read_json(path)
-
-
-def dumps(value: Any, **kw) -> str:
-    """JSON with finite numbers only (json's NaN/Infinity are not JSON)."""
-    try:
-        return json.dumps(value, allow_nan=False, **kw)
-    except ValueError:
-        raise NonFinite(f"refusing to write a non-finite number into JSON: {_nonfinite(value)}") from None
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    text = dumps(value, indent=2)
-    _atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over `path`: readers
-    see the old checkpoint or the new one, never half of one."""
-    _atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by this project: a dict with the model's weights and its config.
-    Missing, truncated, garbage or foreign files (a bare state_dict such as torchvision's) are
-    one UserError naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}; {CHECKPOINT_ADVICE}")
-    with reading(path, "checkpoint", CHECKPOINT_ADVICE):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
-            or not isinstance(state.get("config"), dict):
-        kind = ("a bare state_dict (e.g. torchvision's or timm's), without this project's config"
-                if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-                else f"a {type(state).__name__} without 'model' and 'config'")
-        raise UserError(f"{path} is not a checkpoint of this project: it holds {kind}; {CHECKPOINT_ADVICE}")
-    return state
-
-
-def config_of(state: dict, path: Path | str = "the checkpoint") -> RunConfig:
-    with reading(path, "checkpoint's config", CHECKPOINT_ADVICE):
-        return from_dict(RunConfig, state["config"])
-
-
-def model_from_checkpoint(state: dict, devices=None, path: Path | str = "the checkpoint") -> tuple[AlexNet, RunConfig]:
-    config = config_of(state, path)
-    try:
-        model = AlexNet(config.model, devices=devices)
-    except (ValueError, RuntimeError, AssertionError) as e:  # e.g. two devices for a one-tower net
-        raise UserError(f"{path}: its net cannot be placed on {devices} ({e}); give one device per tower "
-                        f"({config.model.towers})") from None
-    with reading(path, "checkpoint (weights that fit its config)", CHECKPOINT_ADVICE):
-        model.load_state_dict(state["model"])
-    return model, config
 
 
 # ------------------------------------------------------------------- data a run reads ---------
@@ -230,13 +162,9 @@ def keep_metrics_before(run_dir: Path, epoch: int, *, rewrite: bool = True) -> l
     rows = [r for r in read_metrics(run_dir, torn=[]) if r["epoch"] < epoch]
     if not rewrite:
         return rows
-    _atomic_write(Path(run_dir) / "metrics.jsonl",
+    atomic_write(Path(run_dir) / "metrics.jsonl",
                   lambda f: f.write("".join(dumps(r) + "\n" for r in rows).encode()))
     return rows
-
-
-def config_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
 
 
 # ------------------------------------------------------------------- the folder ---------------
@@ -345,32 +273,25 @@ class RunFolder:
                             "fine-tune from it with --init-from instead of --resume")
         return state, meta, rows
 
-    def check_resume(self, meta: dict, saved: RunConfig, config: RunConfig, position: dict, data: dict) -> None:
+    def check_resume(self, meta: dict, saved_batch: int, batch: int, position: dict, data: dict) -> None:
         """What a resume may not change: the data set, and the batch size mid-epoch (the rest of
         the epoch's batches would revisit images)."""
         check_same_data(meta["data"], data, self.path / "config.json")
-        before, now = saved.train.batch_size, config.train.batch_size
-        if before != now and position["batch"] != 0:
-            raise UserError(f"--set batch_size={now}: {self.checkpoint} is mid-epoch (epoch {position['epoch'] + 1}, "
-                            f"batch {position['batch']}) at batch_size={before}, and the rest of the epoch would "
+        if saved_batch != batch and position["batch"] != 0:
+            raise UserError(f"--set batch_size={batch}: {self.checkpoint} is mid-epoch (epoch {position['epoch'] + 1}, "
+                            f"batch {position['batch']}) at batch_size={saved_batch}, and the rest of the epoch would "
                             "revisit images; resume with its batch_size and change it once the checkpoint is at "
                             "an epoch boundary (batch 0)")
 
-    def resumed(self, meta: dict, config: RunConfig, epoch: int, entry: dict) -> list[dict]:
+    def resumed(self, meta: dict, config: dict, epoch: int, entry: dict) -> list[dict]:
         """After every check passed: the metrics before the checkpoint's epoch (the checkpoint
         is the authority), and config.json with the resumed config and this resume's record."""
         history = keep_metrics_before(self.path, epoch, rewrite=self.writer)
         meta.setdefault("resumed", []).append(entry)
-        meta["config"] = config_dict(config)
+        meta["config"] = config
         if self.writer:
             write_json(self.path / "config.json", meta)
         return history
-
-    def amend(self, changes: dict) -> None:
-        """config.json with `changes` merged in at the top level (e.g. a plan made once the run
-        has started), written atomically."""
-        if self.writer:
-            write_json(self.path / "config.json", read_json(self.path / "config.json") | changes)
 
     def append(self, row: dict) -> None:
         if self.writer:
@@ -379,6 +300,10 @@ class RunFolder:
     def save(self, state: dict) -> None:
         if self.writer:
             save_checkpoint(self.checkpoint, state)
+
+    def save_as(self, name: str, state: dict) -> None:
+        if self.writer:
+            save_checkpoint(self.path / name, state)
 
     def finish(self, final: dict) -> None:
         if self.writer:
@@ -429,44 +354,6 @@ def read_run(folder: Path) -> tuple[dict | None, str | None]:
     missing += [k for k in ("centre", "ten_patch", "epochs") if k not in final]
     if missing:
         return None, f"not a finished training run (no {', '.join(missing)})"
-    if not _finite(final) or not all(map(_finite, metrics)):
+    if not finite(final) or not all(map(finite, metrics)):
         return None, "holds a non-finite number"
     return {"folder": folder, "meta": meta, "metrics": metrics, "final": final}, None
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
-    return True
-
-
-def _nonfinite(value: Any, where: str = "") -> str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{where or 'value'} = {value}"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for k, v in items:
-        found = _nonfinite(v, f"{where}.{k}" if where else str(k))
-        if found:
-            return found
-    return ""
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
