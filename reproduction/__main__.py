@@ -14,19 +14,19 @@ torchvision and checked by its MD5. On a CPU the run is scaled down so it ends i
 says so (CPU_RUN below); with a GPU it trains all 200 classes (GPU_RUN). The run folder goes to
 runs/ (not in git); results/ changes only with --evidence.
 
-Sized by the machine: the run times its own first training steps, then keeps as many of the
-recipe's epochs as end the whole job within --minutes (and, where not even one epoch of the
-subset would, trains on fewer images per class), prints that plan with its ETA before going on,
-and records it in config.json ("plan") and the report. Training stops at a deadline that keeps
-the budget (the epoch in progress then ends early and is the last), and where the time left
-holds a tenth of one more epoch, that epoch is planned too and ended by the deadline. Every
-choice made for this machine (precision, epochs, images) is printed with its reason.
+Sized by the machine, before training starts: it times a few training steps of the net, keeps
+as many of the recipe's epochs as end the whole job within --minutes (where not even one epoch
+would, it trains on fewer images per class), prints that plan with its ETA and records it in
+config.json ("plan"). Training stops at a deadline that keeps the budget: the epoch in progress
+then ends early and is the last, and final.json says so. A rerun resumes an interrupted run
+within what is left of its budget, and reports a finished one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -55,106 +55,88 @@ CPU_RUN = (10, 500, 50, {"batch_size": 32, "epochs": 6, "fused_lrn": True, "fuse
 # With a GPU: all 200 classes (100,000 / 10,000 images), the paper's batch of 128, 30 epochs.
 GPU_RUN = (200, None, None, {"epochs": 30, "fused_lrn": True, "channels_last": True})
 # The plan's time model (measured on a 2-core AMD EPYC, fp32 fast path, batch 32): evaluation
-# runs at ~2.5x training's img/s (a forward pass against forward, backward and update: 58.5
-# patches/s ten-patch against 23.3 img/s end-to-end training); an epoch's checkpoint (and
-# best.pt) writes take a few seconds; Fig. 3 and the report a few more.
+# runs at ~2.5x training's img/s (a forward pass against forward, backward and update); an
+# epoch's checkpoint (and best.pt) writes take a few seconds; Fig. 3 and the report a few more.
 EVAL_SPEEDUP = 2.5
 SAVE_SECONDS = 4.0
 FINISH_SECONDS = 10.0
-PROBE_STEPS = 6        # timed steps after the warm-up step; they are the run's first steps
+TIMED_STEPS = 3        # synthetic steps timed (after one warm-up) to plan the job
 MIN_PART = 0.1         # a last epoch is planned (to end at the deadline) only where this share of it fits
 LEAST_PER_CLASS = (20, 10)  # train / val images per class below which the job does not shrink
 
 
-class TooSlow(Exception):
-    """Not even one epoch of the subset fits the budget: the job restarts on fewer images."""
-
-    def __init__(self, fraction: float, message: str) -> None:
-        super().__init__(message)
-        self.fraction = fraction
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The main job's training, settled before it starts: the epochs, the deadline at which
+    training stops (time.time()), the share of the images per class to train on (1: all), why."""
+    epochs: int
+    deadline: float
+    fraction: float
+    reason: str
+    record: dict
 
 
 @dataclasses.dataclass
 class Budget:
-    """The main job's plan (train.Plan): as many of the recipe's epochs as end the whole job
-    within `seconds` of `began`, from the run's own measured training speed, and a deadline
-    for training that keeps the budget when the machine turns out slower than measured. Where
-    the budget leaves time for a tenth of one more epoch (MIN_PART), that epoch is planned too,
-    and the deadline ends it early: the budget is spent training, not left over."""
+    """As many of the recipe's epochs as end the whole job within `seconds` of `began`, at a
+    measured training speed; a deadline for training that keeps the budget even when the
+    machine runs slower than measured (the epoch in progress then ends early). Where the time
+    left holds a tenth of one more epoch (MIN_PART), that epoch is planned too and the deadline
+    ends it. Where not even one epoch fits, a share of the images per class that does."""
     seconds: float
     began: float              # time.time() at the job's start
     train_images: int
     val_images: int
-    choices: dict             # what was already chosen for this machine, with its reason
-    may_shrink: bool = True   # False once the job has restarted on fewer images
-    steps: int = PROBE_STEPS
-    deadline: float | None = None  # set by choose: training stops there (train.Plan)
-    most: int = 0                  # the recipe's epochs, set by choose
 
     def epoch_end(self, img_per_s: float) -> float:
         """Seconds of an epoch's end: its validation (centre patch) and checkpoint."""
         return self.val_images / (img_per_s * EVAL_SPEEDUP) + SAVE_SECONDS
 
     def tail(self, img_per_s: float) -> float:
-        """Seconds the job needs after its training stops: the last epoch's end, the ten-patch
-        evaluation (the centre is the last epoch's), Fig. 3, the report."""
+        """Seconds the job needs after training stops: the last epoch's end, the ten-patch
+        evaluation, Fig. 3, the report."""
         return self.epoch_end(img_per_s) + 10 * self.val_images / (img_per_s * EVAL_SPEEDUP) + FINISH_SECONDS
 
-    def estimate(self, epochs: int, img_per_s: float, images_done: int) -> float:
-        """Seconds from the job's start to its end with `epochs` whole epochs."""
-        return (time.time() - self.began + (epochs * self.train_images - images_done) / img_per_s
-                + (epochs - 1) * self.epoch_end(img_per_s) + self.tail(img_per_s))
+    def plan(self, img_per_s: float, most: int) -> Plan:
+        left = self.seconds - (time.time() - self.began) - self.tail(img_per_s)  # for training
+        per_epoch = self.train_images / img_per_s + self.epoch_end(img_per_s)
+        share = (left + self.epoch_end(img_per_s)) / per_epoch  # epochs that fit, fractional
+        deadline = self.began + self.seconds - self.tail(img_per_s)
+        fraction = 1.0 if share >= 1 else max(0.0, share)
+        whole = min(most, max(1, math.floor(share)))
+        epochs = whole + (whole < most and share - whole >= MIN_PART)
+        eta = min(self.seconds, time.time() - self.began + epochs * per_epoch - self.epoch_end(img_per_s)
+                  + self.tail(img_per_s))
+        last = (f", the last ending at the deadline after about {math.floor((share - whole) * self.train_images):,} "
+                f"of its {self.train_images:,} images" if epochs > whole else "")
+        reason = (f"{epochs} of the recipe's {most} epochs{last}: {TIMED_STEPS} timed steps ran at "
+                  f"{img_per_s:.1f} img/s, so the job ends in about {eta / 60:.1f} min (budget "
+                  f"{self.seconds / 60:g} min; training stops by {(deadline - self.began) / 60:.1f} min "
+                  "whatever the speed)")
+        record = {"budget_minutes": self.seconds / 60, "measured_img_per_s": img_per_s, "epochs": epochs,
+                  "recipe_epochs": most, "eta_minutes": eta / 60, "reason": reason,
+                  "training_seconds": max(0.0, deadline - time.time()),
+                  "deadline_minutes": (deadline - self.began) / 60}
+        return Plan(epochs, deadline, fraction, reason, record)
 
-    def choose(self, img_per_s: float, images_done: int, config: RunConfig) -> tuple[RunConfig, dict]:
-        most = self.most = config.train.epochs
-        fits = [e for e in range(most, 0, -1) if self.estimate(e, img_per_s, images_done) <= self.seconds]
-        one = self.estimate(1, img_per_s, images_done)
-        if not fits and self.may_shrink:
-            spent = time.time() - self.began
-            fraction = max(0.0, (self.seconds - spent - FINISH_SECONDS) / (one - spent - FINISH_SECONDS))
-            raise TooSlow(fraction, f"    at {img_per_s:.1f} img/s one epoch of {self.train_images:,} images would end "
-                                    f"the job after {one / 60:.1f} min (budget {self.seconds / 60:g})")
-        epochs = fits[0] if fits else 1
-        eta = self.estimate(epochs, img_per_s, images_done)
-        # The share of one more epoch's images that the time left over would train (after the
-        # validation and checkpoint of what is now the last epoch).
-        left = self.seconds - eta - self.epoch_end(img_per_s)
-        part = left * img_per_s / self.train_images if fits and epochs < most else 0.0
-        last = ""
-        if part >= MIN_PART:
-            epochs, eta, last = epochs + 1, self.seconds, (
-                f", the last ending at the deadline after about {math.floor(part * self.train_images):,} of "
-                f"its {self.train_images:,} images")
-        # Without even one epoch in the budget (a restarted job) one epoch is the least it trains.
-        self.deadline = self.began + self.seconds - self.tail(img_per_s) if fits else None
-        reason = (f"{epochs} of the recipe's {most} epochs{last}: the first {images_done} training images ran "
-                  f"at {img_per_s:.1f} img/s, so the job ends in about {eta / 60:.1f} min "
-                  + (f"(budget {self.seconds / 60:g} min; training stops by "
-                     f"{(self.deadline - self.began) / 60:.1f} min whatever the speed)" if fits else
-                     f"(over the {self.seconds / 60:g} min budget: one epoch is the least it trains)"))
-        print(f"    plan: {reason}", flush=True)
-        record = {"budget_minutes": self.seconds / 60, "measured_img_per_s": img_per_s,
-                  "timed_images": images_done, "epochs": epochs, "recipe_epochs": most,
-                  "eta_minutes": eta / 60, "choices": {**self.choices, "epochs": reason}}
-        if self.deadline is not None:
-            record["deadline_minutes"] = (self.deadline - self.began) / 60
-        return override(config, {"epochs": epochs}), record
 
-    def extend(self, epoch_seconds: float, config: RunConfig) -> tuple[RunConfig, dict] | None:
-        """One more epoch when the last planned one ended with a tenth of an epoch's training
-        time (its own, measured: `epoch_seconds`) still left before the deadline: the first
-        steps ran slower than the epochs did. None where the recipe's epochs are all planned."""
-        if self.deadline is None or config.train.epochs >= self.most:
-            return None
-        left = self.deadline - time.time()
-        if left < MIN_PART * epoch_seconds:
-            return None
-        epochs = config.train.epochs + 1
-        why = (f"epoch {epochs} added: epoch {epochs - 1} trained in {epoch_seconds / 60:.1f} min and ended "
-               f"{left / 60:.1f} min before the deadline, time for "
-               + ("all of another" if left >= epoch_seconds else f"about {left / epoch_seconds:.0%} of another"))
-        print(f"    plan: {why}", flush=True)
-        return override(config, {"epochs": epochs}), {"epochs": epochs, f"extended to {epochs}": why}
+def measure_speed(config: RunConfig, device) -> float:
+    """Training img/s of `config`'s step on this machine: the median of TIMED_STEPS synthetic
+    steps after one warm-up (a throwaway net; the run's own weights come from its seed)."""
+    import statistics
+
+    import torch
+
+    from reproduction.bench import synthetic_step
+    step = synthetic_step(config, device)[0]
+    seconds = []
+    for _ in range(TIMED_STEPS + 1):
+        start = time.perf_counter()
+        step()[0].item()
+        seconds.append(time.perf_counter() - start)
+    del step
+    torch.manual_seed(config.train.seed)  # leave the process as it found it
+    return config.train.batch_size / statistics.median(seconds[1:])
 
 
 DATASETS = ("tiny-imagenet", "cifar10")
@@ -210,41 +192,100 @@ def recipe(gpu: bool, dataset: str, fraction: float = 1.0) -> tuple[list[str], s
     return options, name, changes
 
 
-def run(config: RunConfig, data: Path, out: Path, devices, argv: list[str], budget: float,
-        began: float, shrunk: str | None) -> bool:
-    """Train the main job's run into `out`: report a finished one, resume an unfinished one
-    (with the epochs it planned), or start one whose precision is measured and whose epochs
-    the budget chooses. Returns whether it trained a fresh run."""
-    from reproduction import checkpoints
+def plan_job(config: RunConfig, data: Path, devices, budget: float, began: float) -> tuple[RunConfig, Plan]:
+    """Everything the run needs settled before it starts: fc8's width, the precision (measured
+    where bf16 is native) and the plan from the step's measured speed."""
     from reproduction.data import PackedSet
     from reproduction.precision import choose_precision
-    from reproduction.train import synthetic_step, train
-    changes = {k: v for k, v in checkpoints.config_dict(config)["train"].items() if v != getattr(EXPERIMENTS["paper"].train, k)}
-    print(f"2/4 training the paper's net on {', '.join(map(str, devices))} -> {out}\n"
-          f"    recipe: the paper's, except {changes} (a scaled-down run, at most {config.train.epochs} "
-          "epochs: the plan below keeps those that fit the budget; see README)", flush=True)
-    command = ["python", "-m", "reproduction", *argv]
-    if (out / "final.json").exists():
-        print(f"    {out} already holds a finished run: reporting it (--new trains again into a new folder)")
-        return False
-    if (out / "checkpoint.pt").exists():
-        print(f"    {out} holds an unfinished run: resuming it with its planned epochs (--new starts another)")
-        saved = checkpoints.config_of(checkpoints.load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
-        train(saved, data, out, experiment="paper", resume=True, devices=devices, command=command)
-        return False
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} holds files of a run that stopped before its first checkpoint: delete "
-                        "that folder, or pass --new to train into another")
+    from reproduction.bench import synthetic_step
     sized = override(config, {"num_classes": len(PackedSet(data, "train").classes)})
     precision, why = choose_precision(devices[0], lambda p: synthetic_step(override(sized, {"precision": p}),
-                                                                             devices[0])[0])
+                                                                           devices[0])[0])
     print(f"    precision {why}", flush=True)
-    counts = {split: len(PackedSet(data, split)) for split in ("train", "val")}
-    choices = {"precision": why} | ({"images": shrunk + "; images per class reduced"} if shrunk else {})
-    plan = Budget(budget, began, counts["train"], counts["val"], choices, may_shrink=shrunk is None)
-    train(override(config, {"precision": precision}), data, out, experiment="paper", devices=devices,
-          command=command, plan=plan)
-    return True
+    sized = override(sized, {"precision": precision})
+    rate = measure_speed(sized, devices[0])
+    counts = [len(PackedSet(data, split)) for split in ("train", "val")]
+    plan = Budget(budget, began, *counts).plan(rate, config.train.epochs)
+    plan.record["choices"] = {"precision": why, "epochs": plan.reason}
+    return override(sized, {"epochs": plan.epochs}), plan
+
+
+def find_run(runs: Path, prefix: str, seed: int, gpu: bool) -> Path | None:
+    """This seed's main-job run already on disk (whatever images per class the budget chose for
+    it): the finished one if there is one, else the unfinished one, else None."""
+    found = sorted(runs.glob(f"{prefix}*/paper-{'gpu' if gpu else 'cpu'}/seed{seed}"))
+    for wanted in ("final.json", "checkpoint.pt"):
+        for folder in found:
+            if (folder / wanted).is_file():
+                return folder
+    return None
+
+
+def remaining_seconds(out: Path) -> float | None:
+    """Training time left of an unfinished main-job run's budget (its plan's training seconds
+    less those its epochs and checkpoint record), or None where it has no plan."""
+    from reproduction.checkpoints import load_checkpoint
+    from reproduction.runfolder import read_metrics
+    plan = json.loads((out / "config.json").read_text()).get("plan") if (out / "config.json").is_file() else None
+    if not plan or "training_seconds" not in plan:
+        return None
+    spent = sum(r.get("seconds", 0.0) for r in read_metrics(out, torn=[]))
+    spent += load_checkpoint(out / "checkpoint.pt")["position"]["sums"].get("seconds", 0.0)
+    return max(0.0, plan["training_seconds"] - spent)
+
+
+def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float) -> tuple[Path, bool]:
+    """The main job's run: report a finished one, resume an unfinished one within what is left
+    of its budget, or prepare, plan and train a new one. Returns its folder and whether it trained."""
+    from reproduction.distributed import parse_devices
+    from reproduction.train import train
+    options, name, changes = recipe(gpu, args.dataset)
+    prefix = name.split("x")[0] + ("x" if "x" in name else "")
+    config = override(EXPERIMENTS["paper"], {**changes, "seed": args.seed})
+    devices = parse_devices(None, config.model.towers)
+    command = ["python", "-m", "reproduction", *argv]
+    found = None if args.new else find_run(shown(args.runs), prefix, args.seed, gpu)
+    if found is not None and (found / "final.json").is_file():
+        print(f"1/4 {found} already holds a finished run: reporting it (--new trains again into a new folder)")
+        return found, False
+    if found is not None:
+        left = remaining_seconds(found)
+        print(f"1/4 {found} holds an unfinished run: resuming it"
+              + (f" with the {left / 60:.1f} min of training its budget has left" if left is not None else ""))
+        from reproduction.checkpoints import config_of, load_checkpoint
+        saved = config_of(load_checkpoint(found / "checkpoint.pt"), found / "checkpoint.pt")
+        data = Path(json.loads((found / "config.json").read_text())["data"]["path"])
+        train(saved, data, found, experiment="paper", resume=True, devices=devices, command=command,
+              deadline=None if left is None else time.time() + left)
+        return found, False
+    data = prepare(args, options, name)
+    print(f"2/4 planning and training the paper's net on {', '.join(map(str, devices))}\n    recipe: the paper's, "
+          f"except {changes} (a scaled-down run: see README)", flush=True)
+    config, plan = plan_job(config, data, devices, args.minutes * 60, began)
+    if plan.fraction < 1:
+        options, name, _ = recipe(gpu, args.dataset, plan.fraction)
+        print(f"    not one epoch of {data} fits the budget: {plan.fraction:.0%} of its images per class instead",
+              flush=True)
+        data = prepare(args, options, name)
+        config, plan = plan_job(config, data, devices, args.minutes * 60, began)
+        plan.record["choices"]["images"] = f"images per class reduced to {plan.fraction:.0%}: one epoch did not fit"
+    print(f"    plan: {plan.reason}", flush=True)
+    base = shown(args.runs) / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
+    out = new_folder(base) if args.new else base
+    print(f"    run folder {out}", flush=True)
+    train(config, data, out, experiment="paper", devices=devices, command=command, deadline=plan.deadline,
+          record={"plan": plan.record})
+    return out, True
+
+
+def prepare(args: argparse.Namespace, options: list[str], name: str) -> Path:
+    from data_prep.__main__ import main as prep  # the same CLI a user would call
+    source = find_tiny_imagenet(args.work) if args.dataset == "tiny-imagenet" else find_cifar10(args.work)
+    data = shown(args.work / name)
+    print(f"1/4 preparing {args.dataset} -> {data}", flush=True)
+    if prep([args.dataset, str(source), "--out", str(data), *options]) != 0:
+        raise UserError(f"preparing {data} failed (the message above says why)")
+    return data
 
 
 def shown(path: Path) -> Path:
@@ -296,39 +337,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--minutes {args.minutes:g}: give a positive number of minutes")
 
     # torch (2-4 s, more from a cold disk) loads only now, after the arguments are read: --help
-    # and a bad argument answer at once. These modules import no module of the main job.
+    # and a bad argument answer at once.
     import torch
 
-    from data_prep.__main__ import main as prep  # the same CLI a user would call
-    from reproduction.distributed import parse_devices
     from reproduction.report import write_report
     from reproduction.visualize import main as visualize
 
     begin = time.time()
-    gpu = torch.cuda.is_available()
-    fraction, shrunk = 1.0, None
-    while True:  # a second pass only when not even one epoch of the subset fits the budget
-        options, name, changes = recipe(gpu, args.dataset, fraction)
-        source = find_tiny_imagenet(args.work) if args.dataset == "tiny-imagenet" else find_cifar10(args.work)
-        data = shown(args.work / name)
-        print(f"1/4 preparing {args.dataset} -> {data}", flush=True)
-        if prep([args.dataset, str(source), "--out", str(data), *options]) != 0:
-            return 1
-        config = override(EXPERIMENTS["paper"], {**changes, "seed": args.seed})
-        base = shown(args.runs) / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
-        out = new_folder(base) if args.new else base
-        devices = parse_devices(None, config.model.towers)
-        start = time.time()
-        try:
-            fresh = run(config, data, out, devices, argv, args.minutes * 60, begin, shrunk)
-            break
-        except TooSlow as e:
-            shutil.rmtree(out)  # it holds only the config.json of the run the plan stopped
-            fraction, shrunk = max(e.fraction, 0.0), str(e)
-            print(f"{e}: preparing fewer images per class instead (the {PROBE_STEPS + 1} steps "
-                  "just timed are not kept)", flush=True)
-    trained = time.time() - start
-
+    out, fresh = train_job(args, torch.cuda.is_available(), argv, begin)
+    trained = time.time() - begin
     figure = out / "fig3-conv1.png"
     print(f"3/4 Fig. 3: conv1's kernels per tower -> {figure}", flush=True)
     if visualize(["filters", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(figure)]) != 0:
@@ -347,7 +364,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 def summary(out: Path, trained: float, total: float, fresh: bool) -> None:
     """The run's numbers beside chance, the towers' colour scores, and where everything is."""
-    import json
     final = json.loads((out / "final.json").read_text())
     filters = json.loads((out / "fig3-conv1.json").read_text())
     meta = json.loads((out / "config.json").read_text())
@@ -355,8 +371,8 @@ def summary(out: Path, trained: float, total: float, fresh: bool) -> None:
     chance1, chance5 = 100 * (1 - 1 / classes), 100 * max(0.0, 1 - 5 / classes)
     print(f"{meta['data']['dataset']}, {classes} classes, {meta['data']['train_images']:,} training / "
           f"{meta['data']['val_images']:,} val images; {final['epochs']} epochs, {final['steps']} steps")
-    if "stopped" in meta.get("plan", {}):
-        print(f"training stopped {meta['plan']['stopped']}")
+    if "stopped" in final:
+        print(f"training stopped {final['stopped']}")
     print(f"{'':14} {'top-1 error':>12} {'top-5 error':>12}")
     for key, label in (("centre", "centre patch"), ("ten_patch", "ten patches")):
         print(f"{label:14} {100 * final[key]['top1_error']:>11.1f}% {100 * final[key]['top5_error']:>11.1f}%")

@@ -11,7 +11,7 @@ with its `add_<name>_arguments`). results/benchmarks.md holds the commands and m
 centre-patch and ten-patch eval throughput, from a packed set written by data_prep/.
 `model`: one training step (forward, backward, update) on a synthetic batch: ours beside
 torchvision's alexnet run as its users run it; img/s from the median step.
-`train`: the real loader feeding the real step (`train.train_step`), beside the step alone on one
+`train`: the real loader feeding the real step (`build.train_step`), beside the step alone on one
 resident batch and the loader alone (the decode ceiling).
 `eval`: `evaluate.evaluate`'s img/s, and the time that projects for ImageNet's 50,000 val images.
 """
@@ -39,10 +39,34 @@ from reproduction.errors import UserError, run_cli
 from reproduction import lrn as lrn_op
 from reproduction.evaluate import evaluate
 from reproduction.precision import autocast, native_bf16
+from reproduction.build import build, train_step
+from reproduction.loop import READ_EVERY, step_seed
 from reproduction.model import AlexNet
-from reproduction.optim import PaperSGD, paper_param_groups
+from reproduction.optim import PaperSGD
 from reproduction.runfolder import device_name
-from reproduction.train import READ_EVERY, step_module, step_seed, synthetic_batch, synthetic_step, train_step
+
+
+def synthetic_batch(batch: int, classes: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-centred-looking pixels (0–255 scale, §2) and random labels; speed does not depend on them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=g) * 60
+    return x.to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+def synthetic_step(config: RunConfig, device: torch.device | str) -> tuple[Callable[[], tuple], AlexNet, PaperSGD]:
+    """`train_step` of `config`'s net, recipe and speed flags (the one builder's) on one fixed
+    synthetic batch of its batch size: what `bench model` and the main job's plan time.
+    Returns the step, the net and its optimiser."""
+    t = config.train
+    built = build(config, (torch.device(device),), log=lambda s: None)
+    x, y = synthetic_batch(t.batch_size, config.model.num_classes, device)
+    if t.channels_last:  # as the loader delivers it
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        return train_step(built.step_fn, built.optimizer, x, y, n=len(y), precision=t.precision,
+                          channels_last=t.channels_last)
+    return step, built.model, built.optimizer
 
 
 def time_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int,
@@ -209,7 +233,7 @@ def torchvision_step(batch: int, precision: str, device: torch.device) -> Callab
 
 def ours_step(variant: str, batch: int, precision: str,
               device: torch.device) -> tuple[Callable[[], object], AlexNet, PaperSGD]:
-    """The paper's net (1000 classes) and PaperSGD through `train.train_step`, with the flags of
+    """The paper's net (1000 classes) and PaperSGD through `build.train_step`, with the flags of
     `variant`: reference (eager, F.local_response_norm, NCHW), fast (the LRN operator, the
     one-pass update, channels_last: what fused_lrn=True fused_sgd=True channels_last=True give
     train.py), fast-compiled (the same under torch.compile). The batch arrives in the layout the step wants, as the loader
@@ -406,7 +430,7 @@ def record(path: str | None, row: dict) -> None:
 
 def bench_train(args: argparse.Namespace) -> int:
     """End-to-end training throughput on real packed JPEGs: the loader (data.train_batches)
-    feeding the training step (train.train_step), beside the step alone on one resident batch
+    feeding the training step (build.train_step), beside the step alone on one resident batch
     (model-only) and the loader alone (the decode ceiling), at the same settings. Each row is
     printed (and written to --json) as soon as it is measured."""
     device = open_device(args.device)
@@ -418,11 +442,7 @@ def bench_train(args: argparse.Namespace) -> int:
     if device.type == "cuda":  # as train() does
         torch.backends.cudnn.benchmark = not t.deterministic
     torch.manual_seed(t.seed)
-    model = AlexNet(config.model, devices=(device,))
-    model.set_fused_lrn(t.fused_lrn)
-    optimizer = PaperSGD(paper_param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
-                         fused=t.fused_sgd)
-    module = step_module(model, t)
+    _, optimizer, module = build(config, (device,), log=lambda s: None)
     workers = default_workers(device) if args.workers is None else args.workers
 
     def loader() -> Iterator:  # passes over the set, as many as it takes, laid out as train() asks
@@ -507,10 +527,7 @@ def bench_eval(args: argparse.Namespace) -> int:
     t = config.train
     if device.type == "cuda":  # as train() does
         torch.backends.cudnn.benchmark = not t.deterministic
-    model = AlexNet(config.model, devices=(device,))
-    model.set_fused_lrn(t.fused_lrn)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = build(config, (device,), log=lambda s: None).model  # its step_module left it channels_last, as training does
     views = 10 if args.ten_patch else 1
     protocol = "ten patches, softmax averaged" if args.ten_patch else "centre patch"
     print("\n".join(machine_lines(device)))

@@ -13,7 +13,9 @@ from reproduction.config import AlexNetConfig
 from reproduction.distributed import Distributed
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
-from reproduction.train import Guard, TrainingStopped, _read_back, train_step
+from reproduction.build import train_step
+from reproduction.loop import Loop, Options, Task, TrainingStopped, zero_sums
+from reproduction.runfolder import RunFolder
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -132,17 +134,22 @@ def test_train_step_is_the_hand_written_paper_step():
                                    rtol=1e-5, atol=1e-9, msg=name)
 
 
-def test_read_back_checks_every_pending_step_in_order():
+def test_read_back_checks_every_pending_step_in_order(tmp_path):
     """The loop reads losses back every READ_EVERY steps: the guard still sees each step, and
     names the step whose loss went bad, not the step at which it was read."""
-    guard = Guard(4, stuck_steps=1000, log=lambda s: None)
-    sums = {"loss": 0.0, "errors": 0, "images": 0, "seconds": 0.0}
-    pending = [(torch.tensor(1.5), torch.tensor(2), 4), (torch.tensor(0.5), torch.tensor(1), 3)]
-    assert _read_back(pending, sums, guard, Distributed(), step=7, lr=0.01, interrupted=False) is False
-    assert sums == {"loss": 1.5 * 4 + 0.5 * 3, "errors": 3, "images": 7, "seconds": 0.0} and pending == []
-    pending = [(torch.tensor(v), torch.tensor(0), 4) for v in (1.0, float("nan"), 1.0)]
+    task = Task(model=torch.nn.Linear(1, 1), step_fn=None, optimizer=None, images=28, classes=4, batches=None,
+                validate=None, lr=None, finish=None)
+    loop = Loop(task, Options(batch_size=4, epochs=1, seed=0, stuck_steps=1000), RunFolder(tmp_path),
+                replicas=Distributed(), log=lambda s: None)
+    sums = zero_sums()
+    loop.position = {"epoch": 0, "batch": 2, "step": 7, "sums": sums}
+    loop.pending = [(torch.tensor(1.5), torch.tensor(2), 4, 0), (torch.tensor(0.5), torch.tensor(1), 3, 1)]
+    assert loop._read_back(False) is False
+    assert sums == {"loss": 1.5 * 4 + 0.5 * 3, "errors": 3, "images": 7, "seconds": 0.0} and loop.pending == []
+    loop.position["step"] = 10
+    loop.pending = [(torch.tensor(v), torch.tensor(0), 4, k) for k, v in enumerate((1.0, float("nan"), 1.0))]
     with pytest.raises(TrainingStopped, match="loss became nan at step 9"):
-        _read_back(pending, sums, guard, Distributed(), step=10, lr=0.01, interrupted=False)
+        loop._read_back(False)
 
 
 def test_bench_model_cpu_defaults_are_the_issues_rows(monkeypatch, capsys):

@@ -20,7 +20,7 @@ from reproduction.data import PackedSet, load_stats, shard_range, train_batches
 from reproduction.evaluate import final_metrics
 from reproduction.optim import PaperSGD
 from reproduction.distributed import replica_devices, scale_batch
-from reproduction.train import step_seed
+from reproduction.loop import step_seed
 from reproduction.train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")

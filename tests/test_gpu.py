@@ -27,7 +27,8 @@ from reproduction.data import PackedSet, load_stats
 from reproduction.evaluate import evaluate
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
-from reproduction.train import deterministic_setup, step_module, train, train_step
+from reproduction.build import deterministic_setup, step_module, train_step
+from reproduction.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = dataclasses.replace(PAPER, dropout=0.0, num_classes=10)  # masks differ between devices
@@ -331,7 +332,7 @@ def test_deterministic_training_on_cuda_is_bit_repeatable():
         from reproduction.config import PAPER
         from reproduction.model import AlexNet
         from reproduction.optim import PaperSGD, paper_param_groups
-        from reproduction.train import deterministic_setup, train_step
+        from reproduction.build import deterministic_setup, train_step
         assert deterministic_setup([torch.device("cuda")])
         def run():
             torch.manual_seed(0)

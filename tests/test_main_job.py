@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import reproduction.__main__ as main_job
 from reproduction.config import override
@@ -78,69 +79,60 @@ def test_recipe_is_stated_and_shrinks_by_a_fraction():
     assert main_job.recipe(True, "tiny-imagenet", 0.1)[1] == "tiny-imagenet-200x50"
 
 
-def budget(**kw):
-    base = dict(seconds=600.0, began=time.time() - 20, train_images=5000, val_images=500,
-                choices={"precision": "fp32: test"})
-    return main_job.Budget(**{**base, **kw})
-
-
 PLANNED = main_job.EXPERIMENTS["paper"]
 
 
+def budget(**kw):
+    base = dict(seconds=600.0, began=time.time() - 20, train_images=5000, val_images=500)
+    return main_job.Budget(**{**base, **kw})
+
+
 @pytest.mark.parametrize("rate,epochs", [(90.0, 6), (22.5, 2), (13.0, 1)])
-def test_the_budget_keeps_the_epochs_that_fit(rate, epochs, capsys):
+def test_the_budget_keeps_the_epochs_that_fit(rate, epochs):
     """At AMX's speed the recipe's 6 epochs fit 10 minutes; at 22.5 img/s 2, at 13 img/s 1, each
     with too little time left for a tenth of one more epoch (MIN_PART)."""
     b = budget()
-    config, record = b.choose(rate, 224, override(PLANNED, {"epochs": 6}))
-    assert config.train.epochs == record["epochs"] == epochs
-    assert b.estimate(epochs, rate, 224) <= 600 < (b.estimate(epochs + 1, rate, 224) if epochs < 6 else 601)
-    assert record["eta_minutes"] <= 10 and record["choices"]["precision"] == "fp32: test"
-    assert f"plan: {epochs} of the recipe's 6 epochs" in capsys.readouterr().out
+    plan = b.plan(rate, 6)
+    assert plan.epochs == plan.record["epochs"] == epochs and plan.fraction == 1.0
+    assert plan.record["eta_minutes"] <= 10 and plan.deadline == pytest.approx(b.began + 600 - b.tail(rate))
+    assert plan.reason.startswith(f"{epochs} of the recipe's 6 epochs")
 
 
-def test_the_budget_plans_a_last_epoch_that_its_deadline_ends(capsys):
+def test_the_budget_plans_a_last_epoch_that_its_deadline_ends():
     """At 27 img/s two whole epochs end the job after ~8.1 minutes: the time left would train
-    ~2,000 images of a third, so three are planned and training stops at the deadline, which
+    ~2,600 images of a third, so three are planned and training stops at the deadline, which
     leaves the last epoch's validation and the final evaluation their time within the budget."""
     b = budget()
-    config, record = b.choose(27.0, 224, override(PLANNED, {"epochs": 6}))
-    assert b.estimate(2, 27.0, 224) <= 600 < b.estimate(3, 27.0, 224)
-    assert config.train.epochs == record["epochs"] == 3 and record["eta_minutes"] == 10
-    assert b.deadline == pytest.approx(b.began + 600 - b.tail(27.0))
-    assert record["deadline_minutes"] == pytest.approx((b.deadline - b.began) / 60)
-    out = capsys.readouterr().out
-    assert "3 of the recipe's 6 epochs, the last ending at the deadline after about 2," in out
-    assert "of its 5,000 images" in out and "training stops by 8.4 min" in out
-    # Where little of another epoch would fit, none is planned; the deadline still keeps the budget.
-    b = budget()
-    assert b.choose(22.5, 224, override(PLANNED, {"epochs": 6}))[0].train.epochs == 2 and b.deadline is not None
+    plan = b.plan(27.0, 6)
+    assert plan.epochs == plan.record["epochs"] == 3 and plan.record["eta_minutes"] == 10
+    assert plan.deadline == pytest.approx(b.began + 600 - b.tail(27.0))
+    assert plan.record["deadline_minutes"] == pytest.approx((plan.deadline - b.began) / 60)
+    assert plan.record["training_seconds"] == pytest.approx(plan.deadline - time.time(), abs=1)
+    assert "3 of the recipe's 6 epochs, the last ending at the deadline after about 2," in plan.reason
+    assert "of its 5,000 images" in plan.reason and "training stops by 8.4 min" in plan.reason
 
 
-def test_the_budget_adds_an_epoch_when_the_epochs_run_faster_than_the_first_steps(capsys):
-    """The first steps are a forecast: where the last planned epoch ends with a tenth of an
-    epoch's time left before the deadline, one more is added (and cut by the deadline)."""
-    b = budget()
-    config, _ = b.choose(22.5, 224, override(PLANNED, {"epochs": 6}))  # 2 planned
-    b.deadline = time.time() + 100  # epoch 2 ended 100 s before it
-    more, changes = b.extend(180.0, config)
-    assert more.train.epochs == 3 and changes["epochs"] == 3
-    assert "about 56% of another" in changes["extended to 3"] and "plan: epoch 3 added" in capsys.readouterr().out
-    assert b.extend(1001.0, config) is None                                  # not a tenth of an epoch left
-    assert b.extend(180.0, override(config, {"epochs": 6})) is None          # the recipe's epochs, all planned
-    b.deadline = None
-    assert b.extend(180.0, config) is None                                   # no deadline (one epoch over the budget)
+def test_the_plan_times_the_runs_own_step_before_training(monkeypatch):
+    """The speed the plan uses: the median of the timed synthetic steps of the run's own config
+    (the one builder's net and step), after one untimed warm-up."""
+    import reproduction.bench as bench
+    seconds = iter([5.0, 0.5, 0.25, 1.0])  # the warm-up's 5 s is not timed
+    clock = {"t": 0.0}
+
+    def fake_step(config, device):
+        def step():
+            clock["t"] += next(seconds)
+            return (torch.zeros(()),)
+        return step, None, None
+    monkeypatch.setattr(bench, "synthetic_step", fake_step)
+    monkeypatch.setattr(main_job.time, "perf_counter", lambda: clock["t"])
+    config = override(PLANNED, {"batch_size": 32})
+    assert main_job.measure_speed(config, "cpu") == pytest.approx(32 / 0.5)
 
 
-def test_the_budget_shrinks_the_images_where_one_epoch_does_not_fit(capsys):
-    with pytest.raises(main_job.TooSlow) as stop:
-        budget().choose(5.0, 35, override(PLANNED, {"epochs": 6}))
-    assert 0 < stop.value.fraction < 0.5
-    # Once shrunk it trains one epoch even over the budget, and says so.
-    b = budget(may_shrink=False)
-    config, record = b.choose(5.0, 35, override(PLANNED, {"epochs": 6}))
-    assert config.train.epochs == 1 and "over the 10 min budget" in record["choices"]["epochs"]
-    assert b.deadline is None and "deadline_minutes" not in record  # one epoch, whole
+def test_the_budget_shrinks_the_images_where_one_epoch_does_not_fit():
+    plan = budget().plan(5.0, 6)
+    assert 0 < plan.fraction < 0.5 and plan.epochs == 1
 
 
 def test_precision_is_measured_only_where_bf16_is_native(monkeypatch):

@@ -432,7 +432,7 @@ def test_fine_tuning_carries_the_sixth_layer(tmp_path):
     takes the architecture from the checkpoint, load_pretrained copies every layer but fc8)."""
     from reproduction import checkpoints
     from reproduction.config import RunConfig, override
-    from reproduction.train import load_pretrained
+    from reproduction.build import load_pretrained
     source = override(RunConfig(), {"conv6": True, "num_classes": 7})
     torch.manual_seed(1)
     pre = AlexNet(source.model)

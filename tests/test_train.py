@@ -18,7 +18,8 @@ from reproduction.errors import UserError
 from reproduction.evaluate import evaluate
 from reproduction.evaluate import main as evaluate_main
 from reproduction.optim import PaperSGD
-from reproduction.train import Guard, TrainingStopped, learning_rate, train
+from reproduction.loop import Guard, TrainingStopped
+from reproduction.train import learning_rate, train
 from reproduction.train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
@@ -283,7 +284,7 @@ def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, c
                     "--out", str(tmp_path / "x")])
     assert "--init-from takes its architecture" in capsys.readouterr().err
     from reproduction.model import AlexNet
-    from reproduction.train import load_pretrained
+    from reproduction.build import load_pretrained
     one_tower = AlexNet(override(TINY, {"towers": 1, "num_classes": 4}).model)
     with pytest.raises(UserError, match="does not fit this net"):
         load_pretrained(one_tower, source)
@@ -306,104 +307,45 @@ def test_fashion_mnist_experiment_on_real_images(shared_data, tmp_path):
     assert final["centre"]["images"] == 10 and 0 <= final["ten_patch"]["top1_error"] <= 1
 
 
-class FixedPlan:
-    """A train.Plan that keeps `epochs` and records what it was shown."""
-    steps = 2
-
-    def __init__(self, epochs, deadline=None):
-        self.epochs, self.calls, self.deadline = epochs, [], deadline
-
-    def extend(self, epoch_seconds, config):
-        return None
-
-    def choose(self, img_per_s, images_done, config):
-        self.calls.append((img_per_s, images_done, config.train.epochs))
-        return override(config, {"epochs": self.epochs}), {"epochs": self.epochs, "why": "test"}
+def deadline_after(monkeypatch, answers):
+    """The loop's deadline check answers these in turn (once before each epoch, once after each
+    step but an epoch's last), then True: a deadline reached at a chosen step."""
+    answers = iter(answers)
+    monkeypatch.setattr("reproduction.loop.Loop._past_deadline", lambda self: next(answers, True))
 
 
-def test_a_plan_chooses_the_epochs_after_its_timed_steps(tiny_set, tmp_path):
-    """After the warm-up step and `steps` timed steps (training steps of the run) the plan sets
-    the epochs; config.json records the plan and the resolved config, and a checkpoint's
-    config has the planned epochs (what a resume goes on with)."""
-    plan = FixedPlan(1)
-    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=plan)
-    [(rate, done, recipe_epochs)] = plan.calls
-    assert rate > 0 and done == 3 * 4 and recipe_epochs == 3  # steps 1 (warm-up) + 2 timed, batch 4
-    assert final["epochs"] == 1 and final["steps"] == 4
+def test_a_deadline_ends_the_epoch_in_progress_as_the_last(tiny_set, tmp_path, monkeypatch):
+    """The deadline passes after step 3: the epoch in progress ends there (12 of its 14 images)
+    and is the run's last; the metrics row and final.json say so, config.json stays as written
+    at the start, and a resume of the checkpoint (at the epoch's end) finds nothing to redo."""
+    deadline_after(monkeypatch, [False, False, False])
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), deadline=1.0)
+    assert final["epochs"] == 1 and final["steps"] == 3 and final["last_epoch_images"] == 12
+    assert "epoch 1 ended after 12 of its 14 images" in final["stopped"]
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert meta["plan"] == {"epochs": 1, "why": "test"} and meta["config"]["train"]["epochs"] == 1
-    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 1
-    assert len(runfolder.read_metrics(tmp_path / "run")) == 1
-
-
-def test_a_plan_on_an_epoch_shorter_than_its_steps_decides_at_the_epoch_end(tiny_set, tmp_path):
-    plan = FixedPlan(2)
-    plan.steps = 50
-    run(tiny_set, tmp_path / "run", plan=plan)
-    assert [done for _, done, _ in plan.calls] == [14]  # the whole first epoch, then the choice
-
-
-def test_a_plans_deadline_ends_the_epoch_in_progress_as_the_last(tiny_set, tmp_path):
-    """A deadline already past when the plan chooses: the epoch in progress ends after that step
-    (12 of its 14 images) and is the run's last; config.json, the metrics row, final.json and the
-    checkpoint (what a resume reads) all say one epoch, and a resume finds a finished run."""
-    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=FixedPlan(3, deadline=0.0))
-    assert final["epochs"] == 1 and final["steps"] == 3  # warm-up + 2 timed steps, then the deadline
-    assert final["last_epoch_images"] == 12
-    meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert meta["config"]["train"]["epochs"] == 1 and meta["plan"]["epochs"] == 1
-    assert meta["plan"]["why"] == "test" and "epoch 1 ended after 12 of its 14 images" in meta["plan"]["stopped"]
+    assert meta["config"]["train"]["epochs"] == 3  # written once, at the start
     [row] = runfolder.read_metrics(tmp_path / "run")
     assert row["images"] == 12 and row["step"] == 3
-    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 1
-    assert run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 1}), resume=True)["epochs"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["position"]["epoch"] == 1
 
 
-def test_a_deadline_at_an_epochs_end_starts_no_other_epoch(tiny_set, tmp_path):
-    plan = FixedPlan(3, deadline=0.0)
-    plan.steps = 50  # decides at epoch 1's last step: that epoch is whole
-    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=plan)
-    assert final["epochs"] == 1 and final["steps"] == 4
+def test_a_deadline_at_an_epochs_end_starts_no_other_epoch(tiny_set, tmp_path, monkeypatch):
+    deadline_after(monkeypatch, [False, False, False, False])
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), deadline=1.0)
+    assert final["epochs"] == 1 and final["steps"] == 4 and "before epoch 2 began" in final["stopped"]
+    assert "images" not in runfolder.read_metrics(tmp_path / "run")[0] and "last_epoch_images" not in final
+
+
+def test_a_caller_record_goes_into_config_json_once_at_the_start(tiny_set, tmp_path):
+    """What the caller settled before training (the main job's plan) is part of config.json as
+    written at the start; nothing rewrites config.json while the run trains."""
+    run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 1}), record={"plan": {"epochs": 1, "why": "test"}})
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert "before epoch 2 began" in meta["plan"]["stopped"] and meta["config"]["train"]["epochs"] == 1
-    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 1
-    assert "images" not in runfolder.read_metrics(tmp_path / "run")[0]
-
-
-def test_a_plan_may_add_epochs_after_its_last_one_ends_before_the_deadline(tiny_set, tmp_path):
-    """The plan chose 1 epoch; after it, extend() adds a second (once): the run trains 2, and
-    config.json, the checkpoint and final.json say 2."""
-    class Extending(FixedPlan):
-        def extend(self, epoch_seconds, config):
-            self.calls.append(("extend", epoch_seconds, config.train.epochs))
-            if config.train.epochs == 1:
-                return override(config, {"epochs": 2}), {"epochs": 2, "extended": "test"}
-            return None
-    plan = Extending(1, deadline=1e12)
-    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 3}), plan=plan)
-    assert final["epochs"] == 2 and final["steps"] == 8
-    assert [c[0] for c in plan.calls] == [plan.calls[0][0], "extend", "extend"] and plan.calls[1][1] > 0
-    meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert meta["plan"] == {"epochs": 2, "why": "test", "extended": "test"} and meta["config"]["train"]["epochs"] == 2
-    assert checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["config"]["train"]["epochs"] == 2
-
-
-def test_a_plan_that_raises_stops_the_run_before_any_checkpoint(tiny_set, tmp_path):
-    class Stop(Exception):
-        pass
-
-    class Raising(FixedPlan):
-        def choose(self, *a):
-            raise Stop
-    with pytest.raises(Stop):
-        run(tiny_set, tmp_path / "run", plan=Raising(1))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
-    with pytest.raises(ValueError, match="fresh run"):
-        run(tiny_set, tmp_path / "other", plan=FixedPlan(1), resume=True)
+    assert meta["plan"] == {"epochs": 1, "why": "test"} and "best_checkpoint" not in meta
 
 
 def test_every_choice_made_for_this_machine_is_printed_with_its_reason_and_recorded(tiny_set, tmp_path):
-    """Issue 22's rule: what a run chooses by itself (devices, loader and compute threads, the C
+    """What a run chooses by itself (devices, loader and compute threads, the C
     kernels) is one printed line, each choice with its reason, and config.json's "automatic"."""
     lines = []
     train(override(TINY, {"epochs": 1, "fused_lrn": True}), tiny_set, tmp_path / "run", log=lines.append)
