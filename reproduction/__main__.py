@@ -323,7 +323,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                         help="where the run folder and its report go (default: runs/, not in git)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
     parser.add_argument("--minutes", type=float, default=10.0,
-                        help="the whole job's time budget (default 10): the run times its first steps and keeps "
+                        help="the whole job's time budget (default 10): the job times a few training steps and keeps "
                              "as many epochs of the recipe (at most 6 on a CPU, 30 with a GPU) as end within it; "
                              "training stops at a deadline that keeps it, ending the last epoch early if need be")
     parser.add_argument("--new", action="store_true",

@@ -221,6 +221,7 @@ def write_report(results: Path) -> Path:
              "the resolved config, the git SHA and the device). Errors are in %, mean ± sd over "
              "seeds (sd shown when n ≥ 2).", ""]
     lines += paper_tables(ours)
+    lines += ablation_studies(results)
     lines += claims_ledger(groups, ours, results)
     lines += ["", "## Ours", ""]
     if not groups:
@@ -228,7 +229,6 @@ def write_report(results: Path) -> Path:
     else:
         lines += ["None of these is ILSVRC: each row names its data set, so compare them with the "
                   "paper's numbers for direction and size only.", "",
-                  # issue 18: train.py keeps best.pt beside checkpoint.pt
                   "Every number is the last epoch's net (final.json). Each run also keeps best.pt, the "
                   "epoch with the lowest centre-patch val top-1 error; val is also the set reported here, "
                   "so a number from best.pt would be optimistic (so are the paper's: its ε was divided "
@@ -257,6 +257,20 @@ def write_report(results: Path) -> Path:
     path = results / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def ablation_studies(results: Path) -> list[str]:
+    """Each study `python -m reproduction.ablate` wrote under results/: its table, figure and command."""
+    lines = []
+    for summary in sorted(results.rglob("summary.json")):
+        table, study = summary.with_name("table.md"), json.loads(summary.read_text())
+        if "rule" not in study or not table.is_file():
+            continue  # a CIFAR-10 experiment's summary
+        where = summary.parent.relative_to(results)
+        lines += [f"## Ablation study: {where}", "", f"`{study['command']}`", "", table.read_text().rstrip(), ""]
+        if summary.with_name("curves.png").is_file():
+            lines += [f"![validation curves]({where / 'curves.png'})", ""]
+    return lines
 
 
 # --- the CIFAR-10 experiments (python -m reproduction.experiments) and Fig. 3 ------------------
