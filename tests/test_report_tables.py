@@ -74,12 +74,13 @@ def test_tables_and_ledger_rows_fill_from_ilsvrc_runs(tmp_path):
     assert "| another method: quoted, not reproduced |" in row(text, "| SIFT + FVs [24] |")
     # The ledger: measured rows with a verdict, and the §7 depth claim from the no_conv3 runs.
     assert "measured: 37.60 / 18.80" in row(text, "| Table 1: CNN (ten patches)")
-    assert "| agrees (within 1 point of top-1) |" in row(text, "| Table 1: CNN (ten patches)")
+    assert "| within 1 point of top-1 (n = 1: not yet a finding) |" in row(text, "| Table 1: CNN (ten patches)")
     assert "worse by 1.3 top-1" in row(text, "| Table 2: 1 CNN,")
     depth = row(text, "| §7: removing conv3")
-    assert "Δ top-1 +2.50" in depth and "same direction" in depth
+    assert "Δ ten-patch top-1 +2.50 ± 0.50 s.e." in depth and "inconclusive (n = 2, fewer than 3 seeds)" in depth
     assert "not yet run (experiment `no_conv2`)" in row(text, "| §7: removing conv2")
-    assert "measured: 60,965,224" in row(text, "| §1/§3: the net has 60 million parameters")
+    assert "counted: 60,965,224" in row(text, "| §1/§3: the net has 60 million parameters")
+    assert "disagrees: conv3, conv4 hold more" in row(text, "| §1: each convolutional layer")
     assert "| not yet run |" in row(text, "| §4.2: dropout")
 
 
