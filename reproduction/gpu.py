@@ -410,9 +410,9 @@ def ablation_parts(data: Path, work: Path, out: Path, seed: int, experiments: Se
                    per_run: float, dry_run: bool, epochs: int = EPOCHS) -> list[Part]:
     parts = []
     for exp in experiments:
-        run = work / exp / f"seed{seed}"
-        train = _python("-m", "reproduction.train", "--experiment", exp, "--data", str(data), "--out", str(run),
-                        "--devices", "cuda:0", "--set", f"seed={seed}", *recipe(epochs))
+        run = work / "runs" / exp / f"seed{seed}"  # where reproduction.ablate puts it
+        train = _python("-m", "reproduction.ablate", exp, "--data", str(data), "--out", str(work),
+                        "--seeds", str(seed), "--set", *recipe(epochs))
         if dry_run:
             train = _stand_in(train, _fake_run_code(run, exp, seed))
         parts.append(Part(f"train {exp}", train, per_run, note=lambda run=run: _final_note(run),
