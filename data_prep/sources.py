@@ -382,8 +382,15 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _holds_a_file(folder: Path) -> bool:
-    """Whether a visible regular file lies anywhere below `folder` (stops at the first)."""
+    """Whether a visible regular file lies anywhere below `folder` (stops at the first). Each
+    folder (symlinked ones too) is entered once, so links back up (`ln -s . a`) end."""
+    entered: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in entered:
+            dirnames[:] = []
+            continue
+        entered.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         if any(not f.startswith(".") and os.path.isfile(os.path.join(dirpath, f)) for f in filenames):
             return True

@@ -643,6 +643,21 @@ def test_labels_ignore_hidden_names_and_list_odd_entries(world, tmp_path):
         assert not any(".hidden" in s["name"] or "ipynb" in s["name"] for s in m["skipped"])
 
 
+def test_a_class_folder_of_self_links_ends_in_seconds(world, tmp_path):
+    """A class folder holding only links back to itself (`ln -s . a; ln -s . b`) holds no file:
+    the check enters each folder once instead of exploring every path through the links."""
+    import time
+    src = tmp_path / "src"
+    shutil.copytree(world["source"], src)
+    empty = src / "train" / "ghost"
+    empty.mkdir()
+    for name in "abcdefgh":
+        (empty / name).symlink_to(".")
+    began = time.time()
+    assert prep_main(["imagefolder", str(src), "--out", str(tmp_path / "out"), "--workers", "1", "--no-hash"]) == 2
+    assert time.time() - began < 30
+
+
 def test_a_damaged_jpeg_in_the_packed_set_is_named_and_the_progress_kept(world, tmp_path, capsys):
     from reproduction.data import epoch_order
     data = prepared_copy(world, tmp_path / "data")
