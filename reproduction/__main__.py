@@ -333,8 +333,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                              "rewrite results/README.md (what the committed evidence was made with)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if not args.minutes > 0:
-        parser.error(f"--minutes {args.minutes:g}: give a positive number of minutes")
+    if not 0 < args.minutes <= 7 * 24 * 60:
+        parser.error(f"--minutes {args.minutes:g}: give a number of minutes above 0 and at most a week (10080)")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: give an integer >= 0")
 
     # torch (2-4 s, more from a cold disk) loads only now, after the arguments are read: --help
     # and a bad argument answer at once.

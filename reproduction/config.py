@@ -220,6 +220,7 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "patience"):
             _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
         _require(self, "stuck_steps", self.stuck_steps >= 0, "an integer >= 0 (0: three epochs' steps, at least 5,000)")
+        _require(self, "seed", self.seed >= 0, "an integer >= 0")
         _require(self, "max_drops", self.max_drops >= 0, "an integer >= 0")
         for name in ("lr", "momentum", "weight_decay", "min_improvement"):
             _require(self, name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")

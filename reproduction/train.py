@@ -288,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--global-batch is chosen when a run starts; its checkpoint holds the batch and ε")
     if not args.resume and args.data is None:
         parser.error("--data is required (a folder prepared by python -m data_prep)")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers {args.workers}: give 0 (no loader threads) or more")
+    if args.global_batch is not None and args.global_batch < 1:
+        parser.error(f"--global-batch {args.global_batch}: give a batch of at least 1 image")
     if args.init_from is not None and args.experiment is not None:
         parser.error("--init-from takes its architecture and recipe from the checkpoint; give --set changes "
                      "instead of --experiment")

@@ -797,3 +797,25 @@ def test_ctrl_c_on_a_prep_with_workers_ends_promptly_and_resumes(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert prep_main(argv) == 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["count"] == 200
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--minutes", "inf"], "--minutes inf"), (["--minutes", "1e308"], "at most a week"),
+    (["--seed", "-1"], "--seed -1")])
+def test_main_job_refuses_bad_values_before_anything_is_written(args, needle, tmp_path, capsys):
+    from reproduction.__main__ import main as job
+    with pytest.raises(SystemExit) as stop:
+        job(["--work", str(tmp_path / "w"), "--runs", str(tmp_path / "r"), *args])
+    assert stop.value.code == 2 and needle in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--workers", "-1"], "--workers -1"), (["--global-batch", "0"], "--global-batch 0"),
+    (["--set", "seed=-1"], "seed = -1 is not allowed")])
+def test_train_refuses_bad_values_before_anything_is_written(args, needle, world, tmp_path, capsys):
+    out = tmp_path / "run"
+    try:
+        code = train_main(["--data", str(prepared_copy(world, tmp_path / "data")), "--out", str(out), *args])
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 2 and needle in capsys.readouterr().err and not out.exists()
