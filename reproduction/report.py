@@ -731,6 +731,7 @@ def _cifar_claims(results: Path) -> list[tuple[str, ...]]:
         if d:
             text, verdict = by_rule([100 * x for x in d["per_seed"]], +1)
             n = len(d["per_seed"])
+            verdict += f"; at {'/'.join(map(str, epochs))} of ~470 epochs the size is not comparable"
             status = (f"measured on CIFAR-10 (conv-local nets, {'/'.join(map(str, epochs))} epochs of the "
                       f"paper's ~470): no_norm − norm test error {text} points")
         link += ", [summary](cifar10/lrn/summary.json)"

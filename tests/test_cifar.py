@@ -268,7 +268,7 @@ def test_experiment_command_trains_on_the_torchvision_layout(tmp_path, monkeypat
     # One seed has no sd: the summary holds null (JSON has no NaN) and the report says so.
     assert summary["difference"]["sd"] is None and summary["variants"]["norm"]["test_error_sd"] is None
     text = report.write_report(tmp_path / "results").read_text()
-    assert "One seed only" in text and "one seed: no spread to weigh it against" in text and "± nan" not in text
+    assert "One seed only" in text and "inconclusive (n = 1, fewer than 3 seeds" in text and "± nan" not in text
 
 
 def test_experiment_command_downloads_with_torchvision_when_no_cifar_is_there(tmp_path, monkeypatch, capsys):
