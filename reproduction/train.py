@@ -33,7 +33,7 @@ from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet, default_workers, epoch_order, train_batches
 from reproduction.distributed import Distributed, parse_devices, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
-from reproduction.evaluate import evaluate
+from reproduction.evaluate import evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.files import read_json_file
 from reproduction.loop import Loop, Options, Task, TrainingStopped, UnreadableBatch
@@ -183,9 +183,7 @@ def _task(config: RunConfig, data_dir: Path, train_set: PackedSet, val_set: Pack
         return {"val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"], "val_loss": v["loss"]}
 
     def finish(rows: list[dict]) -> dict:
-        centre = last.get("centre") or evaluate(built.model, val_set, stats, config.data, ten_patch=False, **eval_kw)
-        final = {"centre": centre, "ten_patch": evaluate(built.model, val_set, stats, config.data, ten_patch=True,
-                                                         **eval_kw)}
+        final = final_metrics(built.model, val_set, stats, config.data, centre=last.get("centre"), **eval_kw)
         if not all(math.isfinite(final[p]["loss"]) for p in final):
             raise TrainingStopped("the final evaluation produced a non-finite loss; no final.json is written")
         return final | {"experiment": how.experiment, "seed": t.seed, "data": str(data_dir)}
