@@ -470,7 +470,7 @@ class _SideStream:
         # nvJPEG's hardware decoder writes its outputs without waiting for work queued on the
         # stream, and the caching allocator may hand it a block freed on this stream that such
         # work still reads (pytorch/vision PR 9606): drain the stream on the host first.
-        # Kept on purpose (issue 16 asked for an event instead): a stream.wait_event orders only
+        # Kept on purpose (an event was considered instead): a stream.wait_event orders only
         # kernels queued after it, which is exactly what the hardware decoder ignores, so only a
         # host-side wait keeps it off the previous batch's freed temporaries. The wait is for the
         # previous batch's augmentation alone (the step runs on the consumer stream), queued a

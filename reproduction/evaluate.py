@@ -105,7 +105,7 @@ def final_metrics(model: nn.Module, dataset: PackedSet, stats: Stats, config: Da
 
 def class_check(states: Sequence[dict], paths: Sequence[Path], dataset: PackedSet) -> None:
     """Every checkpoint must predict the data's classes, in the data's order: the same number,
-    and the same class ids where the checkpoint records them (runs since issue 17 do)."""
+    and the same class ids where the checkpoint records them (this project's runs do)."""
     ids = [c["id"] for c in dataset.classes]
     for state, path in zip(states, paths):
         n = state["config"]["model"]["num_classes"]
@@ -228,7 +228,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                "data": str(args.data), "split": args.split,
                "epochs_trained": states[0]["epoch"] if one else [s["epoch"] for s in states],
                "seconds": round(time.time() - start, 1),
-               # what the report needs to place the result in Table 1 / 2 (issue 17)
+               # what the report needs to place the result in Table 1 / 2
                "dataset": dataset.manifest.get("dataset"), "architectures": [model_changes(c) for c in configs]}
     if args.predictions is not None:
         try:

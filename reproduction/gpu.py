@@ -1,4 +1,4 @@
-"""The GPU evidence in prepared, one-call stages (issue 16). A GPU is lent rarely and briefly
+"""The GPU evidence in prepared, one-call stages. A GPU is lent rarely and briefly
 (~15 minutes of device time, at most 10 per call) and only the checkout plus carried ignored
 folders travel, so everything a call needs is built beforehand on a CPU machine:
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from reproduction.build import train_step
+from reproduction.data import num_batches
 from reproduction.distributed import Distributed
 from reproduction.errors import UserError
 from reproduction.runfolder import BEST, SELECTED_BY_VAL, RunFolder
@@ -156,10 +157,6 @@ def duration(seconds: float) -> str:
     seconds = int(seconds)
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
 
 
 class Loop:

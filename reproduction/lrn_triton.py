@@ -90,7 +90,7 @@ def _blocks(c: int) -> tuple[int, int]:
     # channels). Why not more: at 4096 the backward's SIZE-unrolled window held ~5×4096 values
     # per 128 threads, so sm_90 spilled (C = 48 bf16: a 4.9 KB stack; C = 128: 168 registers and
     # 3.7 KB) and ptxas took 7.5 s per variant; at 1024 it compiles in ~1.3 s without spilling
-    # (issue 23; tests/test_triton_compile.py fails on any spill).
+    # (tests/test_triton_compile.py fails on any spill).
     import triton
     block_c = triton.next_power_of_2(c)
     return max(1, ELEMENTS // block_c), block_c

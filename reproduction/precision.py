@@ -3,7 +3,7 @@ computes bf16 natively, and the main job's measured choice between the two.
 
 bf16 is a speed-up only where the hardware multiplies bf16 natively: an Intel Xeon with AMX or
 AVX512-BF16 ran the faithful net's step ~1.7x faster in bf16 than in fp32 (results/benchmarks.md),
-while a 2-core AMD EPYC with AVX2 only emulates it: ~1 img/s in bf16 (issue 22) against 24.5 img/s
+while a 2-core AMD EPYC with AVX2 only emulates it: ~1 img/s in bf16 against 24.5 img/s
 for the fp32 fast path. So the flags decide only where bf16 cannot pay; where they say it might,
 the choice is measured.
 """

@@ -36,7 +36,7 @@ from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.files import read_json_file
-from reproduction.loop import Loop, Options, Task, TrainingStopped, UnreadableBatch
+from reproduction.loop import Loop, Options, Task, TrainingStopped, UnreadableBatch, position_text
 from reproduction.optim import fixed_schedule_lr, plateau_lr
 from reproduction.runfolder import RunFolder, data_identity, git_state, open_data, run_record
 
@@ -140,7 +140,7 @@ def _resume(folder: RunFolder, resumed: tuple, config: RunConfig, identity: dict
     changed = _differences(saved, config)
     if changed:
         how.log(f"resuming with a changed config ({changed}): the run is no longer one run of one config")
-    entry = {"at": _at(position), "changed": changed, "git": git_state(),
+    entry = {"at": position_text(position), "changed": changed, "git": git_state(),
              "command": list(sys.argv if how.command is None else how.command),
              "world_size": how.replicas.world, "data": str(data_dir)}
     return config, position, folder.resumed(meta, config_dict(config), position["epoch"], entry)
@@ -153,7 +153,7 @@ def _say_start(folder: RunFolder, automatic: list[str], position: dict | None, r
     if automatic:
         log("chosen for this machine: " + "; ".join(automatic))
     if position is not None:
-        log(f"resumed {folder.path} at {_at(position)}")
+        log(f"resumed {folder.path} at {position_text(position)}")
     if replicas.started:
         b = config.train.batch_size
         least, most = b // replicas.world, -(-b // replicas.world)
@@ -256,10 +256,6 @@ def _undecodable(dataset: PackedSet, indices: list[int]) -> list[str]:
         except RuntimeError:
             bad.append(f"image {i} ({names[i] if i < len(names) else '?'})")
     return bad
-
-
-def _at(position: dict) -> str:
-    return f"epoch {position['epoch'] + 1}, batch {position['batch']} (step {position['step']})"
 
 
 def _quiet(message: str) -> None:

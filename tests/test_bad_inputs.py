@@ -1,4 +1,4 @@
-"""Bad inputs, interrupts and faults (issue 14): every case gives a clear error or a counted,
+"""Bad inputs, interrupts and faults: every case gives a clear error or a counted,
 listed skip, and nothing a failed command was pointed at changes.
 
 Each row of CASES runs a command's real entry point in-process (its main(argv)) and asserts

@@ -95,7 +95,7 @@ def test_each_module_imports_alone_and_the_command_modules_without_torch():
 @pytest.mark.parametrize("command", ["reproduction", "reproduction.experiments", "reproduction.report", "data_prep"])
 def test_help_answers_before_torch_loads(command):
     """--help of the main job (and of the commands built the same way) never imports torch,
-    which takes 2-4 s warm and far longer from a cold disk (issue 24)."""
+    which takes 2-4 s warm and far longer from a cold disk."""
     code = ("import runpy, sys; sys.argv = ['x', '--help']\n"
             f"try: runpy.run_module({command!r}, run_name='__main__', alter_sys=True)\n"
             "except SystemExit as e: assert e.code == 0, e.code\n"

@@ -1,6 +1,6 @@
 """Every Triton kernel the GPU stages launch, compiled on the CPU for sm_90 (H100/H200), and
 ptxas's report on it: a kernel that does not compile, or spills registers to local memory,
-fails here rather than in the first minutes of a lent GPU (issue 23).
+fails here rather than in the first minutes of a lent GPU.
 
 Triton compiles for a named target without a device: `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))` (API shared by triton 3.6, the GPU machine's, and 3.8, ours).
