@@ -42,6 +42,9 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def config_of(state: dict, path: Path | str = "the checkpoint") -> RunConfig:
+    if state.get("net") == "cifar10":
+        raise UserError(f"{path} holds one of CIFAR-10's four-layer nets (python -m reproduction.experiments), "
+                        f"not AlexNet; {CHECKPOINT_ADVICE}")
     with reading(path, "checkpoint's config", CHECKPOINT_ADVICE):
         return from_dict(RunConfig, state["config"])
 

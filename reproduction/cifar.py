@@ -30,7 +30,6 @@ import json
 import math
 import pickle
 import tarfile
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -44,10 +43,12 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 
 from data_prep.pack import sha256_file
 from reproduction.config import CifarConfig
+from reproduction.data import num_batches
 from reproduction.errors import UserError, reading
+from reproduction.files import read_json
+from reproduction.loop import Loop, Options, Task, TrainingStopped, position_text
 from reproduction.optim import PaperSGD, fixed_schedule_lr
-from reproduction.files import read_json, write_json
-from reproduction.runfolder import append_metrics, environment, git_state, read_metrics
+from reproduction.runfolder import RunFolder, environment, git_state, read_metrics
 from reproduction.stats import epochs_to, error_curve, mean_sd, sd_to_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -394,10 +395,11 @@ def _first_per_class(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, 
 
 
 def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch: int, *,
-            train: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of float batches: mean image subtracted (0-255 scale, as cuda-convnet's CIFAR
-    provider); with crop=24 a random crop (train) or the centre crop (test) of image and mean,
-    and with flip a random mirror while training. Every draw is keyed by (seed, epoch)."""
+            train: bool, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of float batches from batch `start`: mean image subtracted (0-255 scale, as
+    cuda-convnet's CIFAR provider); with crop=24 a random crop (train) or the centre crop (test)
+    of image and mean, and with flip a random mirror while training. Every draw is keyed by
+    (seed, epoch), so a resumed epoch sees the batches it would have seen."""
     # DEVIATION(§3.1, §3.3): cuda-convnet visits its five fixed 10,000-image batch files in order; we
     # shuffle the whole training set each epoch (keyed by the seed), as §5's SGD assumes.
     g = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
@@ -410,13 +412,13 @@ def batches(images: Tensor, labels: Tensor, mean: Tensor, c: CifarConfig, epoch:
         offsets = torch.full((n, 2), border // 2)
     flips = torch.rand(n, generator=g) < 0.5 if (train and c.flip) else torch.zeros(n, dtype=torch.bool)
     centre = mean[:, border // 2:border // 2 + c.crop, border // 2:border // 2 + c.crop]
-    return _views(images, labels, centre, order, offsets, flips, c)
+    return _views(images, labels, centre, order, offsets, flips, c, start)
 
 
-def _views(images, labels, centre, order, offsets, flips, c) -> Iterator[tuple[Tensor, Tensor]]:
+def _views(images, labels, centre, order, offsets, flips, c, start) -> Iterator[tuple[Tensor, Tensor]]:
     border = 32 - c.crop  # all random draws are made before the first batch: batches are a pure function of them
-    for start in range(0, len(labels), c.batch_size):
-        idx = order[start:start + c.batch_size]
+    for first in range(start * c.batch_size, len(labels), c.batch_size):
+        idx = order[first:first + c.batch_size]
         x = images[idx].float()
         if border:
             rows = offsets[idx, 0, None] + torch.arange(c.crop)
@@ -430,70 +432,108 @@ def _views(images, labels, centre, order, offsets, flips, c) -> Iterator[tuple[T
         yield x.contiguous(memory_format=torch.channels_last), labels[idx]
 
 
-# --- training ----------------------------------------------------------------------------------
+# --- training: Krizhevsky's nets through the one loop (loop.py) ------------------------------
 
 PARTS = 5  # training error is recorded for each fifth of an epoch, so Fig. 1's crossing is resolved
 
 
-def train_cifar(c: CifarConfig, data: dict, *, log: Callable[[str], None] = print,
-                on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train one net; return one metrics row per epoch: training error and loss over the epoch
-    (as cuda-convnet reports them: averaged over its minibatches, dropout-free nets, so no extra
-    pass), per fifth of the epoch, and the test error after it. Stops at a non-finite loss, and
-    after the epoch in which training error reaches `stop_below` (when set)."""
-    torch.manual_seed(c.seed)
-    net = cifar_net(c).to(memory_format=torch.channels_last)
-    groups = param_groups(net, c)
-    optimiser = PaperSGD(groups, lr=c.lr, momentum=c.momentum)
+def _task(c: CifarConfig, net: nn.Module, optimiser: PaperSGD, data: dict, resume_with: str) -> Task:
+    """A CIFAR-10 net as the loop's task: cuda-convnet's batches, the test error after each
+    epoch, ε from the fixed schedule, and Fig. 1's stop at `stop_below` training error."""
     train_x, train_y = data["train"]
     mean = train_x.float().mean(0)
-    rows = []
-    for epoch in range(c.epochs):
-        lr = fixed_schedule_lr(epoch, c.lr, c.drop_epochs)
-        for group in optimiser.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        start = time.perf_counter()
-        net.train()
-        work = batches(train_x, train_y, mean, c, epoch, train=True)
-        steps = -(-len(train_y) // c.batch_size)
-        bounds = [round(steps * (i + 1) / PARTS) for i in range(PARTS)]
-        errors, losses, seen, parts = 0, 0.0, 0, []
-        part_errors = part_seen = 0
-        finite = True
-        for i, (x, y) in enumerate(work):
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            wrong, value = int((logits.argmax(1) != y).sum()), loss.item()
-            errors, losses, seen = errors + wrong, losses + value * len(y), seen + len(y)
-            part_errors, part_seen = part_errors + wrong, part_seen + len(y)
-            if not math.isfinite(value):
-                finite = False
-                break
-            if i + 1 in bounds:
-                parts.append(part_errors / part_seen)
-                part_errors = part_seen = 0
-        row = {"epoch": epoch, "lr": lr, "train_error": errors / max(seen, 1),
-               "train_loss": losses / max(seen, 1) if finite else None,  # JSON holds no NaN
-               "train_error_parts": parts,
-               "test_error": evaluate_cifar(net, data["test"], mean, c) if finite else None,
-               "seconds": time.perf_counter() - start, "diverged": not finite}
-        rows.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        remaining = (c.epochs - epoch - 1) * row["seconds"]
-        log(f"  epoch {epoch + 1}/{c.epochs}  train error {row['train_error']:.3f}  "
-            f"test error {row['test_error'] if row['test_error'] is None else round(row['test_error'], 4)}  "
-            f"lr {lr:g}  {seen / row['seconds']:.0f} img/s  ETA {remaining / 60:.1f} min")
-        if not finite:
-            log(f"  stopped: the loss became {value} (learning rate {c.lr:g} too high for this net)")
-            break
-        if c.stop_below and min(parts, default=1.0) <= c.stop_below:
-            log(f"  stopped: training error reached {c.stop_below:.0%} (stop_below)")
-            break
-    return rows
+
+    def stop(rows: list[dict]) -> str | None:
+        reached = c.stop_below and min(rows[-1]["train_error_parts"], default=1.0) <= c.stop_below
+        return f"after epoch {len(rows)}: training error reached {c.stop_below:.0%} (stop_below)" if reached else None
+
+    def finish(rows: list[dict]) -> dict:
+        last = rows[-1]
+        return {"train_error": last["train_error"], "test_error": last["test_error"], "diverged": False,
+                "epochs_to_25": epochs_to(error_curve(rows), 0.25)}
+
+    return Task(model=net, step_fn=net, optimizer=optimiser, images=len(train_y), classes=len(CLASSES),
+                batches=lambda epoch, start: batches(train_x, train_y, mean, c, epoch, train=True, start=start),
+                validate=lambda: {"test_error": evaluate_cifar(net, data["test"], mean, c)},
+                lr=lambda rows: fixed_schedule_lr(len(rows), c.lr, c.drop_epochs), finish=finish,
+                state={"config": config_json(c), "net": "cifar10"}, stop=stop, error_parts=PARTS,
+                describe=lambda val: f"test error {val['test_error']:.4f}", resume_with=resume_with)
+
+
+def config_json(c: CifarConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(c)))  # as config.json holds it (tuples -> lists)
+
+
+def run(out: Path, c: CifarConfig, data: dict, meta: dict, *, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Train `c` into the run folder `out` (config.json, metrics.jsonl one line per epoch,
+    checkpoint.pt, final.json) through the one loop; returns its rows and final.json. A finished
+    run of the same config is reused and an interrupted one resumed from its checkpoint, so a
+    rerun of the experiment command picks up where it stopped. A loss that diverges ends the run
+    with final.json's "diverged": the learning-rate sweep tries rates that do."""
+    config, recorded = config_json(c), _recorded_config(out)
+    if recorded not in (None, config):
+        raise UserError(f"{out} holds a run of another config ({out / 'config.json'}); give another --out, "
+                        "or delete that folder to train this config there")
+    if (out / "final.json").exists():
+        log(f"{out}: finished already, reused")
+        return read_metrics(out), read_json(out / "final.json")
+    torch.manual_seed(c.seed)  # the initial weights
+    net = cifar_net(c).to(memory_format=torch.channels_last)
+    optimiser = PaperSGD(param_groups(net, c), lr=c.lr, momentum=c.momentum)
+    identity = {"dataset": "cifar10", "train_images": len(data["train"][1]), "test_images": len(data["test"][1]),
+                "path": meta.get("source", {}).get("path")}
+    with RunFolder(out) as folder:
+        if folder.checkpoint.exists():
+            position, history = _resume(folder, net, optimiser, identity, meta, log)
+        else:
+            position, history = None, []
+            folder.create(restart=True)
+            folder.start({"experiment": meta.get("experiment", "cifar"), "config": config, **meta, "git": git_state(),
+                          "environment": environment([torch.device("cpu")]), "data": identity})
+            log(f"{out}: {c.layout} {c.activation} norm={c.norm} lr={c.lr:g} seed={c.seed}")
+        # No stop at chance (stuck_steps past the run): a CIFAR curve runs to its cap, as cuda-convnet's.
+        options = Options(batch_size=c.batch_size, epochs=c.epochs, seed=c.seed, channels_last=True,
+                          stuck_steps=c.epochs * num_batches(len(data["train"][1]), c.batch_size) + 1)
+        loop = Loop(_task(c, net, optimiser, data, meta.get("command") or "the same command"), options, folder,
+                    position=position, history=history, log=log)
+        try:
+            final = loop.run()
+        except TrainingStopped as e:
+            final = _diverged(folder, loop, str(e), log)
+    return read_metrics(out), final
+
+
+def _recorded_config(out: Path) -> dict | None:
+    if not (out / "config.json").is_file():
+        return None
+    meta = read_json(out / "config.json")
+    return meta.get("config") if isinstance(meta, dict) else None
+
+
+def _resume(folder: RunFolder, net: nn.Module, optimiser: PaperSGD, identity: dict, meta: dict,
+            log: Callable[[str], None]) -> tuple[dict, list[dict]]:
+    """Continue the folder's run from its checkpoint (same config: run() checked)."""
+    state, recorded, _ = folder.open_for_resume()
+    position = state["position"]
+    folder.check_resume(recorded, 0, 0, position, identity)
+    with reading(folder.checkpoint, "checkpoint of this CIFAR-10 net", "delete the run folder to train it afresh"):
+        net.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+    entry = {"at": position_text(position), "git": git_state(), "command": meta.get("command")}
+    history = folder.resumed(recorded, recorded["config"], position["epoch"], entry)
+    log(f"{folder.path}: resumed at {position_text(position)}")
+    return position, history
+
+
+def _diverged(folder: RunFolder, loop: Loop, why: str, log: Callable[[str], None]) -> dict:
+    """The loss or the weights became non-finite: the run ends here, recorded as diverged."""
+    log(f"  stopped: {why}")
+    rows = loop.history
+    final = {"epochs": loop.position["epoch"], "steps": loop.position["step"],
+             "train_error": rows[-1]["train_error"] if rows else None, "test_error": None,
+             "diverged": True, "epochs_to_25": None, "stopped": why}
+    folder.finish(final)
+    return final
 
 
 @torch.no_grad()
@@ -510,33 +550,10 @@ def evaluate_cifar(net: nn.Module, split: tuple[Tensor, Tensor], mean: Tensor, c
 
 # --- the two experiments: run folders, the learning-rate sweep, summaries, Fig. 1 --------------
 
-def run_folder(out: Path, c: CifarConfig, data: dict, meta: dict, *, log: Callable[[str], None] = print) -> list[dict]:
-    """Train `c` into a run folder (config.json, metrics.jsonl one line per epoch, final.json).
-    A folder already finished with the same config is reused, so a rerun of an experiment
-    command picks up where an interrupted one stopped."""
-    config = json.loads(json.dumps(dataclasses.asdict(c)))  # as config.json holds it (tuples → lists)
-    if (out / "final.json").exists() and read_json(out / "config.json").get("config") == config:
-        log(f"{out}: finished already, reused")
-        return read_metrics(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "final.json").unlink(missing_ok=True)
-    write_json(out / "config.json", {"config": config, **meta, "git": git_state(),
-                                     "environment": environment([torch.device("cpu")]),
-                                     "data": {s: len(y) for s, (_, y) in data.items()}})
-    log(f"{out}: {c.layout} {c.activation} norm={c.norm} lr={c.lr:g} seed={c.seed}")
-    rows = train_cifar(c, data, log=log, on_epoch=lambda row: append_metrics(out, row))
-    last = rows[-1]
-    write_json(out / "final.json", {"epochs": len(rows), "train_error": last["train_error"],
-                                    "test_error": last["test_error"], "diverged": last["diverged"],
-                                    "epochs_to_25": epochs_to(error_curve(rows), 0.25)})
-    return rows
-
-
-def sweep_score(rows: Sequence[dict]) -> tuple:
+def sweep_score(rows: Sequence[dict], final: dict) -> tuple:
     """Order for "as fast as possible" (§3.1): runs reaching 25% training error sooner first,
     then the rest by their last training error; diverged runs last."""
-    if rows[-1]["diverged"]:
+    if final["diverged"]:
         return (2, math.inf)
     reached = epochs_to(error_curve(rows), 0.25)
     return (0, reached) if reached is not None else (1, rows[-1]["train_error"])
@@ -546,21 +563,21 @@ def relu_tanh(configs: dict[str, CifarConfig], data: dict, out: Path, *, seeds: 
               lrs: Sequence[float], sweep_epochs: int, meta: dict, log: Callable[[str], None] = print) -> dict:
     """Fig. 1: per activation, pick ε from `lrs` by a short sweep (seed 0, `sweep_epochs`
     epochs), then train every seed at it until 25% training error (or the config's epochs)."""
-    summary = {"experiment": "cifar-relu-tanh", **meta, "threshold": 0.25, "activations": {}}
+    meta = meta | {"experiment": "cifar-relu-tanh"}
+    summary = {**meta, "threshold": 0.25, "activations": {}}
     for name, base in configs.items():
         sweep = []
         for lr in lrs:
             c = dataclasses.replace(base, lr=lr, epochs=sweep_epochs, seed=0)
-            rows = run_folder(out / "sweep" / f"{name}-lr{lr:g}", c, data, meta, log=log)
-            sweep.append({"lr": lr, "epochs_to_25": epochs_to(error_curve(rows), 0.25),
-                          "train_error": rows[-1]["train_error"], "diverged": rows[-1]["diverged"],
-                          "score": sweep_score(rows)})
+            rows, final = run(out / "sweep" / f"{name}-lr{lr:g}", c, data, meta, log=log)
+            sweep.append({"lr": lr, "epochs_to_25": final["epochs_to_25"], "train_error": final["train_error"],
+                          "diverged": final["diverged"], "score": sweep_score(rows, final)})
         best = min(sweep, key=lambda s: s["score"])["lr"]
         log(f"{name}: ε = {best:g} chosen from {', '.join(f'{s:g}' for s in lrs)}")
         runs = {}
         for seed in seeds:
             folder = out / "runs" / name / f"seed{seed}"
-            rows = run_folder(folder, dataclasses.replace(base, lr=best, seed=seed), data, meta, log=log)
+            rows, _ = run(folder, dataclasses.replace(base, lr=best, seed=seed), data, meta, log=log)
             runs[seed] = {"folder": str(folder.relative_to(out)), "epochs_run": len(rows),
                           "epochs_to_25": epochs_to(error_curve(rows), 0.25), "curve": error_curve(rows)}
         for s in sweep:
@@ -593,12 +610,13 @@ def response_norm(configs: dict[str, CifarConfig], data: dict, out: Path, *, see
                   meta: dict, log: Callable[[str], None] = print) -> dict:
     """§3.3 on CIFAR-10: the same net with and without response normalisation, every seed;
     final test error of each and the difference (paired by seed)."""
-    summary = {"experiment": "cifar-lrn", **meta, "variants": {}}
+    meta = meta | {"experiment": "cifar-lrn"}
+    summary = {**meta, "variants": {}}
     for name, c in configs.items():
         runs = {}
         for seed in seeds:
             folder = out / "runs" / name / f"seed{seed}"
-            rows = run_folder(folder, dataclasses.replace(c, seed=seed), data, meta, log=log)
+            rows, _ = run(folder, dataclasses.replace(c, seed=seed), data, meta, log=log)
             runs[seed] = {"folder": str(folder.relative_to(out)), "test_error": rows[-1]["test_error"],
                           "train_error": rows[-1]["train_error"], "epochs_run": len(rows)}
         errors = [r["test_error"] for r in runs.values()]

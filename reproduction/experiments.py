@@ -96,8 +96,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         description="Run one of the paper's CIFAR-10 experiments end to end: read CIFAR-10, train "
                     "every variant and seed into run folders, write summary.json and (Fig. 1) the "
                     "figure under --out; python -m reproduction.report puts them in results/README.md "
-                    "beside the paper's numbers. Finished runs are reused, so rerunning after an "
-                    "interruption continues. CIFAR-10 is read from ../shared/data/cifar10 when it is "
+                    "beside the paper's numbers. Finished runs are reused and an interrupted one "
+                    "resumes from its checkpoint: the same command again continues the experiment. CIFAR-10 is read from ../shared/data/cifar10 when it is "
                     "beside the checkout, else from torchvision's copy in data/downloads/, which is "
                     "downloaded (170 MB, checked by torchvision's MD5) the first time. The ILSVRC "
                     "ablations run with python -m reproduction.train.")

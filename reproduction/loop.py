@@ -63,6 +63,7 @@ class Task:
     error_parts: int = 0             # also record training error per 1/n of an epoch (Fig. 1)
     best_by: str | None = None       # a row key: best.pt keeps the weights of the epoch lowest in it
     describe: Callable[[dict], str] = lambda val: " ".join(f"{k} {v:.4f}" for k, v in val.items())
+    resume_with: str | None = None   # how a user continues an interrupted run (None: train --resume)
 
 
 @dataclasses.dataclass
@@ -324,8 +325,8 @@ class Loop:
         self.save()
         self.replicas.barrier()  # torchrun stops the job when one rank exits: not before the save
         launcher = "torchrun [its options] -m" if self.replicas.started else "python -m"
-        self.log(f"interrupted: checkpoint at {position_text(self.position)}; continue with "
-                 f"{launcher} reproduction.train --resume --out {self.folder.path}")
+        how = self.task.resume_with or f"{launcher} reproduction.train --resume --out {self.folder.path}"
+        self.log(f"interrupted: checkpoint at {position_text(self.position)}; continue with {how}")
         raise KeyboardInterrupt
 
     def _keep_progress(self) -> str:

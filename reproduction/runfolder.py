@@ -115,7 +115,7 @@ def data_identity(data_dir: Path, train_set, val_set) -> dict:
 
 
 def check_same_data(recorded: dict, now: dict, config_json: Path) -> None:
-    keys = [k for k in ("dataset", "classes", "train_images", "val_images", "index_sha256") if k in recorded]
+    keys = [k for k in ("dataset", "classes", "train_images", "val_images", "test_images", "index_sha256") if k in recorded]
     differ = [f"{k} {recorded[k]!r} -> {now[k]!r}" for k in keys if recorded[k] != now[k]]
     if differ:
         raise UserError(f"--data {now['path']} is not the data set this run trained on ({config_json} records "
@@ -196,11 +196,19 @@ class RunFolder:
     def held(self) -> list[str]:
         return [n for n in RUN_FILES if (self.path / n).exists()]
 
-    def check_fresh(self) -> None:
-        """A fresh run needs a folder that holds no run file (nothing is written here)."""
+    def unstarted(self) -> bool:
+        """Holds config.json but no checkpoint: a run stopped before its first checkpoint, with
+        nothing to resume from (a metrics line without a checkpoint is of a lost epoch)."""
+        held = set(self.held())
+        return "config.json" in held and not held & {CHECKPOINT, BEST, "final.json"}
+
+    def check_fresh(self, *, restart: bool = False) -> None:
+        """A fresh run needs a folder that holds no run file (nothing is written here). restart:
+        a folder whose run stopped before its first checkpoint may start again (its caller has
+        checked that config.json holds the same config)."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file, not a folder; give a folder for the run")
-        held = self.held()
+        held = [] if restart and self.unstarted() else self.held()
         if held:
             raise UserError(f"{self.path} already holds a run ({', '.join(held)}); continue it with "
                             f"--resume, or give another --out")
@@ -230,11 +238,12 @@ class RunFolder:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    def create(self) -> None:
-        """Make the folder and lock it; refuses one that holds run files. (A replica that does not
-        write checked with check_fresh before rank 0 began writing: nothing to do here.)"""
+    def create(self, *, restart: bool = False) -> None:
+        """Make the folder and lock it; refuses one that holds run files (but see check_fresh's
+        restart). A replica that does not write checked with check_fresh before rank 0 began
+        writing: nothing to do here."""
         if self.writer:
-            self.check_fresh()
+            self.check_fresh(restart=restart)
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -243,7 +252,9 @@ class RunFolder:
             if not os.access(self.path, os.W_OK | os.X_OK):
                 raise UserError(f"--out {self.path}: the folder is not writable; choose another path")
             self.lock()
-            self.check_fresh()  # a run that started between the first check and the lock
+            self.check_fresh(restart=restart)  # a run that started between the first check and the lock
+            if restart:
+                (self.path / "metrics.jsonl").unlink(missing_ok=True)
 
     def start(self, meta: dict) -> None:
         if self.writer:

@@ -142,16 +142,69 @@ def test_experiment_configs_change_only_what_they_claim():
         CifarConfig(crop=28)
 
 
-def test_training_learns_and_stops_at_the_threshold(shared_data):
+def test_training_learns_and_stops_at_the_threshold(shared_data, tmp_path):
     data = cifar.load_cifar10(shared_data / "cifar10", per_class=2)
     assert data["train"][0].shape == (20, 3, 32, 32) and torch.bincount(data["train"][1]).tolist() == [2] * 10
     # one batch of 20 real images, learnt by heart until the 25% stop (FIG1's stop_below)
     c = dataclasses.replace(FIG1, lr=0.003, epochs=60, batch_size=20)
-    rows = cifar.train_cifar(c, data, log=lambda s: None)
+    rows, final = cifar.run(tmp_path / "run", c, data, {}, log=lambda s: None)
     assert len(rows) < 60 and rows[-1]["train_error"] <= 0.25 < min(r["train_error"] for r in rows[:-1])
     assert rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"]
     assert all(len(r["train_error_parts"]) == 1 for r in rows)  # one batch: one part per epoch
-    assert rows[-1]["test_error"] is not None and not rows[-1]["diverged"]
+    assert rows[-1]["test_error"] is not None and not final["diverged"]
+    assert final["epochs"] == len(rows) and "25%" in final["stopped"]
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "final.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_an_interrupted_cifar_run_resumes_to_the_same_numbers(shared_data, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch checkpoints; the same call again continues, and ends with the metrics
+    and weights of a run never interrupted (CPU, to the bit; seconds aside)."""
+    import os
+    import signal
+
+    from reproduction.checkpoints import load_checkpoint
+    from reproduction.optim import PaperSGD
+    data = cifar.load_cifar10(shared_data / "cifar10", per_class=4)
+    c = dataclasses.replace(FIG1, lr=0.003, epochs=2, batch_size=8, drop_epochs=(1,))  # 5 batches an epoch
+    straight, _ = cifar.run(tmp_path / "straight", c, data, {}, log=lambda s: None)
+    original, calls = PaperSGD.step, []
+
+    def step_then_interrupt(self, *a, **k):
+        out = original(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:  # mid-epoch 0
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(PaperSGD, "step", step_then_interrupt)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        cifar.run(tmp_path / "resumed", c, data, {"command": "python -m reproduction.experiments X"}, log=said.append)
+    assert any("continue with python -m reproduction.experiments X" in s for s in said)
+    assert not (tmp_path / "resumed" / "final.json").exists()
+    monkeypatch.setattr(PaperSGD, "step", original)
+    resumed, final = cifar.run(tmp_path / "resumed", c, data, {}, log=said.append)
+    assert any("resumed at epoch 1, batch 3" in s for s in said)
+    drop = ("seconds", "img_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight]
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(json.loads((tmp_path / "resumed" / "config.json").read_text())["resumed"]) == 1
+
+
+def test_a_diverging_sweep_run_is_recorded_and_ranked_last(shared_data, tmp_path):
+    data = cifar.load_cifar10(shared_data / "cifar10", per_class=2)
+    c = dataclasses.replace(FIG1, lr=1e30, epochs=2, batch_size=20)  # overflows at step 2
+    said = []
+    rows, final = cifar.run(tmp_path / "run", c, data, {}, log=said.append)
+    assert final["diverged"] and final["test_error"] is None and "loss became nan" in final["stopped"]
+    assert any(s.startswith("  stopped:") for s in said)
+    assert json.loads((tmp_path / "run" / "final.json").read_text()) == final
+    assert cifar.sweep_score(rows, final) == (2, float("inf"))
+    assert cifar.run(tmp_path / "run", c, data, {}, log=said.append)[1] == final  # reused, not retrained
+    with pytest.raises(UserError, match="another config"):
+        cifar.run(tmp_path / "run", dataclasses.replace(c, lr=0.01), data, {}, log=said.append)
 
 
 @pytest.mark.parametrize("experiment", ["cifar-relu-tanh", "cifar-lrn"])
@@ -263,7 +316,7 @@ def test_experiment_command_trains_on_the_torchvision_layout(tmp_path, monkeypat
     assert summary["source"] == {"layout": "torchvision", "path": str(tmp_path / "tv")}
     for variant in ("norm", "no_norm"):
         config = json.loads((out / "runs" / variant / "seed0" / "config.json").read_text())
-        assert config["data"] == {"train": 20, "test": 10}
+        assert (config["data"]["train_images"], config["data"]["test_images"]) == (20, 10)
     assert (work / "cifar10-native.npz").is_file()  # the cache goes to --work, not the checkout's data/
     # One seed has no sd: the summary holds null (JSON has no NaN) and the report says so.
     assert summary["difference"]["sd"] is None and summary["variants"]["norm"]["test_error_sd"] is None
