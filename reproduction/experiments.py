@@ -90,15 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reproduction.experiments",
         description="Run one of the paper's CIFAR-10 experiments end to end: read CIFAR-10, train "
                     "every variant and seed into run folders, write summary.json and (Fig. 1) the "
                     "figure under --out; python -m reproduction.report puts them in results/README.md "
                     "beside the paper's numbers. Finished runs are reused and an interrupted one "
-                    "resumes from its checkpoint: the same command again continues the experiment. CIFAR-10 is read from ../shared/data/cifar10 when it is "
-                    "beside the checkout, else from torchvision's copy in data/downloads/, which is "
+                    "resumes from its checkpoint: the same command again continues the experiment. "
+                    "CIFAR-10 is read from ../shared/data/cifar10 when it is beside the checkout, else from torchvision's copy in data/downloads/, which is "
                     "downloaded (170 MB, checked by torchvision's MD5) the first time. The ILSVRC "
                     "ablations run with python -m reproduction.train.")
     parser.add_argument("experiment", choices=sorted(CIFAR_EXPERIMENTS),
@@ -128,7 +128,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.1],
                         help="cifar-relu-tanh: the learning rates ε swept per activation")
     parser.add_argument("--sweep-epochs", type=int, default=2, help="cifar-relu-tanh: epochs per sweep run")
+    return parser
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    for name, bad, want in (("--seeds", min(args.seeds) < 0, "seeds >= 0"),
+                            ("--per-class", args.per_class is not None and args.per_class < 1, "at least 1 image"),
+                            ("--lrs", min(args.lrs) <= 0, "learning rates > 0"),
+                            ("--sweep-epochs", args.sweep_epochs < 1, "at least 1 epoch")):
+        if bad:
+            parser.error(f"{name}: give {want}")
 
     root = Path(__file__).resolve().parents[1]
     out = args.out or root / "runs" / "cifar10" / args.experiment.removeprefix("cifar-")

@@ -364,3 +364,11 @@ def test_the_main_job_and_the_experiments_share_one_finder(tmp_path, monkeypatch
     monkeypatch.setattr(cifar, "download_and_extract_archive",
                         lambda url, root, **k: tiny_torchvision_cifar(Path(root)))
     assert main_job.find_cifar10(tmp_path / "work") == tmp_path / "work" / "downloads" / CIFAR10.base_folder
+
+
+@pytest.mark.parametrize("bad", [["--seeds", "-1"], ["--per-class", "0"], ["--lrs", "0.01", "0"], ["--sweep-epochs", "0"]])
+def test_experiment_command_refuses_bad_values_before_reading_data(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["cifar-relu-tanh", "--out", str(tmp_path / "out"), *bad])
+    assert e.value.code == 2 and f"error: {bad[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
