@@ -212,9 +212,15 @@ def plan_job(config: RunConfig, data: Path, devices, budget: float, began: float
 
 def find_run(runs: Path, prefix: str, seed: int, gpu: bool) -> Path | None:
     """This seed's main-job run already on disk (whatever images per class the budget chose for
-    it): the finished one if there is one, else the unfinished one, else None."""
+    it): the finished one if there is one, else the unfinished one, else one stopped before its
+    first checkpoint, else None. One that another process is training now is an error."""
+    from reproduction.runfolder import RunFolder
     found = sorted(runs.glob(f"{prefix}*/paper-{'gpu' if gpu else 'cpu'}/seed{seed}"))
-    for wanted in ("final.json", "checkpoint.pt"):
+    for folder in found:
+        if RunFolder(folder).busy():
+            raise UserError(f"{folder} is being trained by another process now (it holds the folder's lock): "
+                            "wait for it to end and run this again, or pass --new to train another run beside it")
+    for wanted in ("final.json", "checkpoint.pt", "config.json"):
         for folder in found:
             if (folder / wanted).is_file():
                 return folder
@@ -238,6 +244,7 @@ def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float
     """The main job's run: report a finished one, resume an unfinished one within what is left
     of its budget, or prepare, plan and train a new one. Returns its folder and whether it trained."""
     from reproduction.distributed import parse_devices
+    from reproduction.runfolder import locate_data
     from reproduction.train import train
     options, name, changes = recipe(gpu, args.dataset)
     prefix = name.split("x")[0] + ("x" if "x" in name else "")
@@ -248,13 +255,13 @@ def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float
     if found is not None and (found / "final.json").is_file():
         print(f"1/4 {found} already holds a finished run: reporting it (--new trains again into a new folder)")
         return found, False
-    if found is not None:
+    if found is not None and (found / "checkpoint.pt").is_file():
         left = remaining_seconds(found)
         print(f"1/4 {found} holds an unfinished run: resuming it"
               + (f" with the {left / 60:.1f} min of training its budget has left" if left is not None else ""))
         from reproduction.checkpoints import config_of, load_checkpoint
         saved = config_of(load_checkpoint(found / "checkpoint.pt"), found / "checkpoint.pt")
-        data = Path(json.loads((found / "config.json").read_text())["data"]["path"])
+        data = locate_data(json.loads((found / "config.json").read_text())["data"]["path"], found)
         train(saved, data, found, experiment="paper", resume=True, devices=devices, command=command,
               deadline=None if left is None else time.time() + left)
         return found, False
@@ -272,9 +279,11 @@ def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float
     print(f"    plan: {plan.reason}", flush=True)
     base = shown(args.runs) / name / f"paper-{'gpu' if gpu else 'cpu'}" / f"seed{args.seed}"
     out = new_folder(base) if args.new else base
-    print(f"    run folder {out}", flush=True)
+    restart = out == found  # its run stopped before its first checkpoint: nothing in it to keep
+    print(f"    run folder {out}" + (" (stopped before its first checkpoint: starting it again)" if restart else ""),
+          flush=True)
     train(config, data, out, experiment="paper", devices=devices, command=command, deadline=plan.deadline,
-          record={"plan": plan.record})
+          record={"plan": plan.record}, restart=restart)
     return out, True
 
 
@@ -345,23 +354,50 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from reproduction.report import write_report
     from reproduction.visualize import main as visualize
 
+    if args.evidence:
+        check_evidence()
     begin = time.time()
     out, fresh = train_job(args, torch.cuda.is_available(), argv, begin)
     trained = time.time() - begin
     figure = out / "fig3-conv1.png"
     print(f"3/4 Fig. 3: conv1's kernels per tower -> {figure}", flush=True)
-    if visualize(["filters", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(figure)]) != 0:
-        return 1
+    status = visualize(["filters", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(figure)])
+    if status != 0:
+        return status  # 130 after a Ctrl-C
     report = write_report(args.runs)
     if args.evidence:
-        evidence = REPO / "results" / "runs" / out.relative_to(shown(args.runs))
-        evidence.mkdir(parents=True, exist_ok=True)
-        for f in ("config.json", "metrics.jsonl", "final.json", figure.name, figure.with_suffix(".json").name):
-            shutil.copy2(out / f, evidence / f)
+        evidence = file_evidence(out, shown(args.runs), figure)
         print(f"    evidence -> {evidence}; results report -> {write_report(REPO / 'results')}")
     print(f"4/4 report -> {report}\n")
     summary(out, trained, time.time() - begin, fresh)
     return 0
+
+
+def file_evidence(out: Path, runs: Path, figure: Path) -> Path:
+    """Copy the run's text files and Fig. 3 under results/runs/, its data path relative to the
+    checkout (no machine's absolute path in the committed record)."""
+    from reproduction.files import read_json, write_json
+    evidence = REPO / "results" / "runs" / out.relative_to(runs)
+    evidence.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "final.json", figure.name, figure.with_suffix(".json").name):
+        shutil.copy2(out / f, evidence / f)
+    meta = read_json(out / "config.json")
+    data = Path(meta["data"]["path"]).resolve()
+    if data.is_relative_to(REPO):
+        meta["data"]["path"] = str(data.relative_to(REPO))
+    write_json(evidence / "config.json", meta)
+    return evidence
+
+
+def check_evidence() -> None:
+    """--evidence files a run as the project's committed record: only from a clean checkout, so
+    that its config.json's git state names the code that made it."""
+    from reproduction.runfolder import git_state
+    state = git_state()
+    if state["dirty"] is not False:
+        why = "has uncommitted changes (git status)" if state["dirty"] else "is not a git checkout"
+        raise UserError(f"--evidence: {REPO} {why}; the committed evidence must name the code that made it: "
+                        "commit your changes first, or run without --evidence")
 
 
 def summary(out: Path, trained: float, total: float, fresh: bool) -> None:

@@ -189,6 +189,9 @@ class Loop:
                     self.stopped = f"at the deadline, before epoch {self.position['epoch'] + 1} began"
                     break
                 self._epoch(interrupt)
+                if interrupt.requested:  # it came during the validation or the checkpoint, both now done
+                    self._say_interrupted()
+                    raise KeyboardInterrupt
         if self.stopped is None and self.position["epoch"] < self.options.epochs:
             return {"stopped_at_epoch": self.position["epoch"]}
         if self.stopped:
@@ -324,10 +327,13 @@ class Loop:
         self.position["sums"]["seconds"] += time.time() - start
         self.save()
         self.replicas.barrier()  # torchrun stops the job when one rank exits: not before the save
+        self._say_interrupted()
+        raise KeyboardInterrupt
+
+    def _say_interrupted(self) -> None:
         launcher = "torchrun [its options] -m" if self.replicas.started else "python -m"
         how = self.task.resume_with or f"{launcher} reproduction.train --resume --out {self.folder.path}"
         self.log(f"interrupted: checkpoint at {position_text(self.position)}; continue with {how}")
-        raise KeyboardInterrupt
 
     def _keep_progress(self) -> str:
         """The loader failed: checkpoint the steps taken so far (one process; under torchrun the

@@ -114,6 +114,19 @@ def data_identity(data_dir: Path, train_set, val_set) -> dict:
             "index_sha256": digest.hexdigest()}
 
 
+def locate_data(recorded: str, run_folder: Path) -> Path:
+    """The data folder a run's config.json names. The main job records it relative to the
+    checkout (data/...), so from another working directory it is looked for below the run
+    folder's ancestors too; returned as recorded where it is found nowhere."""
+    path = Path(recorded)
+    if path.is_absolute() or path.is_dir():
+        return path
+    for ancestor in Path(run_folder).resolve().parents:
+        if (ancestor / path).is_dir():
+            return ancestor / path
+    return path
+
+
 def check_same_data(recorded: dict, now: dict, config_json: Path) -> None:
     keys = [k for k in ("dataset", "classes", "train_images", "val_images", "test_images", "index_sha256") if k in recorded]
     differ = [f"{k} {recorded[k]!r} -> {now[k]!r}" for k in keys if recorded[k] != now[k]]
@@ -212,6 +225,20 @@ class RunFolder:
         if held:
             raise UserError(f"{self.path} already holds a run ({', '.join(held)}); continue it with "
                             f"--resume, or give another --out")
+
+    def busy(self) -> bool:
+        """Whether another process holds the folder's lock (is training into it now)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # drops the lock taken just now
 
     def lock(self) -> None:
         """Exclusive flock on the folder itself (no lock file to leave behind); then clean up

@@ -38,7 +38,7 @@ from reproduction.experiments import EXPERIMENTS
 from reproduction.files import read_json_file
 from reproduction.loop import Loop, Options, Task, TrainingStopped, UnreadableBatch, position_text
 from reproduction.optim import fixed_schedule_lr, plateau_lr
-from reproduction.runfolder import RunFolder, data_identity, git_state, open_data, run_record
+from reproduction.runfolder import RunFolder, data_identity, git_state, locate_data, open_data, run_record
 
 
 def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:
@@ -64,6 +64,7 @@ class Launch:
     replicas: Distributed | None = None            # this process's place among torchrun's replicas
     batch_scaling: dict | None = None              # scale_batch's record
     init_from: Path | None = None                  # fine-tune from this checkpoint's weights
+    restart: bool = False                          # a folder stopped before its first checkpoint starts again
     log: Callable[[str], None] = print
 
 
@@ -89,7 +90,7 @@ def _start(config: RunConfig, data_dir: Path, folder: RunFolder, how: Launch) ->
     if t.batch_size < replicas.world:
         raise UserError(f"a global batch of {t.batch_size} cannot be split between {replicas.world} "
                         f"replicas; use --global-batch or fewer processes")
-    resumed = folder.open_for_resume() if how.resume else folder.check_fresh()
+    resumed = folder.open_for_resume() if how.resume else folder.check_fresh(restart=how.restart)
     train_set, val_set, stats = open_data(data_dir)
     classes = len(train_set.classes)
     if how.init_from is None and not how.resume and config.model.num_classes not in (classes, 1000):
@@ -113,7 +114,7 @@ def _start(config: RunConfig, data_dir: Path, folder: RunFolder, how: Launch) ->
         config, position, history = _resume(folder, resumed, config, identity, built, how, data_dir)
     else:
         position, history = None, []
-        folder.create()
+        folder.create(restart=how.restart)
         folder.start(run_record(how.experiment, config, command=list(sys.argv if how.command is None else how.command),
                                 devices=devices, data=identity, distributed=replicas.describe() | {"global_batch": t.batch_size},
                                 batch_scaling=how.batch_scaling, init_from=how.init_from)
@@ -331,7 +332,7 @@ def _resumed_config(args: argparse.Namespace) -> tuple[RunConfig, str, Path, Non
     if not isinstance(meta, dict) or "experiment" not in meta or "path" not in meta.get("data", {}):
         raise UserError(f"{args.out / 'config.json'} is not this project's run record (no 'experiment' "
                         "or 'data'); start a fresh run in another --out")
-    return config, meta["experiment"], args.data or Path(meta["data"]["path"]), None
+    return config, meta["experiment"], args.data or locate_data(meta["data"]["path"], args.out), None
 
 
 def _fresh_config(args: argparse.Namespace) -> tuple[RunConfig, str, Path, dict | None]:

@@ -45,7 +45,7 @@ from reproduction.errors import UserError
 from reproduction.model import AlexNet
 from reproduction.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import read_json
-from reproduction.runfolder import SELECTED_BY_VAL
+from reproduction.runfolder import SELECTED_BY_VAL, locate_data
 IMAGENET_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "imagenet_class_index.json"
 
 # What BVLC says of bvlc_alexnet (BVLC/caffe models/bvlc_alexnet/readme.md).
@@ -333,7 +333,7 @@ def _run_data(checkpoint: Path) -> Path | None:
     if not meta.is_file():
         return None
     path = read_json(meta).get("data", {}).get("path")
-    return Path(path) if path else None
+    return locate_data(path, checkpoint.parent) if path else None
 
 
 def alexnet_caffe(path: str | Path | None = None, *, mean: str | Path | None = None,

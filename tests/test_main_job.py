@@ -166,3 +166,49 @@ def test_an_emulated_bf16_step_is_run_once_not_timed_again(monkeypatch):
         return run
     chosen, why = precision.choose_precision("cpu", make)
     assert chosen == "fp32" and calls == {"fp32": 3, "bf16": 1} and "under the 1.1x" in why
+
+
+def test_evidence_needs_a_clean_checkout(monkeypatch, tmp_path, capsys):
+    import reproduction.runfolder as runfolder
+    monkeypatch.setattr(runfolder, "git_state", lambda: {"sha": "x", "dirty": True})
+    args = ["--evidence", "--work", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]
+    assert main_job.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --evidence:") and "uncommitted changes" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_evidence_records_the_data_path_relative_to_the_checkout(monkeypatch, tmp_path):
+    repo, runs = tmp_path / "repo", tmp_path / "repo" / "runs"
+    out = runs / "set" / "paper-cpu" / "seed0"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"data": {"path": str(repo / "data" / "set")}}))
+    for name in ("metrics.jsonl", "final.json", "fig3-conv1.png", "fig3-conv1.json"):
+        (out / name).write_text("{}")
+    monkeypatch.setattr(main_job, "REPO", repo)
+    evidence = main_job.file_evidence(out, runs, out / "fig3-conv1.png")
+    assert evidence == repo / "results" / "runs" / "set" / "paper-cpu" / "seed0"
+    assert json.loads((evidence / "config.json").read_text())["data"]["path"] == "data/set"
+    assert (evidence / "fig3-conv1.json").is_file() and not (evidence / "checkpoint.pt").exists()
+
+
+def test_a_run_being_trained_is_left_alone_by_a_second_job(tiny_recipe, tmp_path, capsys):
+    from reproduction.runfolder import RunFolder
+    run = tmp_path / "runs" / "tiny-imagenet-2x6" / "paper-cpu" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with RunFolder(run) as live:
+        live.lock()  # as the first job holds it while it trains
+        assert main_job.main(["--work", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "being trained by another process" in err and "--new" in err and "delete" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_a_job_stopped_before_its_first_checkpoint_starts_again_in_its_folder(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "runs" / "tiny-imagenet-2x6" / "paper-cpu" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text('{"killed": "before its first checkpoint"}')
+    assert main_job.main(["--work", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]) == 0
+    assert "starting it again" in capsys.readouterr().out
+    assert (run / "final.json").is_file() and "killed" not in (run / "config.json").read_text()

@@ -127,6 +127,39 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_set, tmp_path, monkey
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["resumed"][0]["changed"] == ""
 
 
+def test_ctrl_c_during_an_epochs_validation_stops_after_its_checkpoint(tiny_set, tmp_path, monkeypatch):
+    """A Ctrl-C that arrives after the epoch's last step (during its validation) is not lost:
+    the epoch is recorded and checkpointed, then the run stops; --resume finishes it."""
+    import reproduction.train as train_module
+    original, calls = train_module.evaluate, []
+
+    def evaluate_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*a, **k)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 1}))
+    assert not (tmp_path / "run" / "final.json").exists()
+    saved = checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)
+    assert saved["position"]["epoch"] == 1 and saved["position"]["batch"] == 0
+    assert len(runfolder.read_metrics(tmp_path / "run")) == 1
+    monkeypatch.setattr(train_module, "evaluate", original)
+    final = run(tiny_set, tmp_path / "run", override(TINY, {"epochs": 1}), resume=True)
+    assert final["epochs"] == 1 and (tmp_path / "run" / "final.json").is_file()
+
+
+def test_a_recorded_relative_data_path_is_found_from_another_directory(tmp_path, monkeypatch):
+    (tmp_path / "checkout" / "data" / "set").mkdir(parents=True)
+    run_folder = tmp_path / "checkout" / "runs" / "set" / "paper-cpu" / "seed0"
+    run_folder.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert runfolder.locate_data("data/set", run_folder) == tmp_path / "checkout" / "data" / "set"
+    assert runfolder.locate_data("data/none", run_folder) == runfolder.Path("data/none")  # as recorded
+
+
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(finished_run, tmp_path, monkeypatch):
     path = tmp_path / checkpoints.CHECKPOINT
     path.write_bytes((finished_run[0] / checkpoints.CHECKPOINT).read_bytes())
