@@ -90,9 +90,12 @@ def resize_center_crop(img: Image.Image, size: int = PAPER_SIZE, resample: str =
         new_w, new_h = size, max(size, round(h * size / w))
     else:
         new_w, new_h = max(size, round(w * size / h)), size
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if max(new_w, new_h) > 16 * size:  # a strip (e.g. 1×100,000 px): resize only the kept region, not the whole
+        sx, sy = w / new_w, h / new_h
+        return img.resize((size, size), RESAMPLE[resample], box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), RESAMPLE[resample])
-    left, top = (new_w - size) // 2, (new_h - size) // 2
     return img.crop((left, top, left + size, top + size))
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from reproduction.config import DataConfig
+from reproduction.errors import UserError
 
 FORMAT = "alexnet-packed/1"
 SIDE = 256  # §2: every image is rescaled to 256 on its shorter side and centre-cropped to 256×256
@@ -59,6 +60,27 @@ _ORDER, _AUGMENT = 0, 1  # keys that keep the shuffle's and the augmentation's r
 
 
 # ---------------------------------------------------------------------------------------- sets
+
+class UnreadableImages(UserError):
+    """The loader met images it cannot decode (a damaged JPEG inside <split>.jpg.bin)."""
+
+
+def name_undecodable(dataset: "PackedSet", indices: Iterable[int], error: RuntimeError) -> None:
+    """After the loader failed with `error` on the images `indices`: raise UnreadableImages
+    naming those that cannot be decoded; return (the caller re-raises `error`) if all can."""
+    names = (dataset.root / f"{dataset.split}.names.txt").read_text().splitlines()
+    bad = []
+    for i in indices:
+        try:
+            decode_jpeg(dataset.encoded([i])[0], mode=ImageReadMode.RGB)
+        except RuntimeError:
+            bad.append(f"image {i} ({names[i] if i < len(names) else '?'})")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UnreadableImages(f"{dataset.root / (dataset.split + '.jpg.bin')}: {', '.join(bad[:5])}{more} cannot be "
+                               f"decoded ({str(error).splitlines()[0][:80]}); re-prepare the set from its source "
+                               "(python -m data_prep ... --force)") from None
+
 
 class PackedSet:
     """One split of a packed set. Nothing is read into memory but the index (N×3 int64)."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from reproduction.build import train_step
-from reproduction.data import num_batches
+from reproduction.data import UnreadableImages, num_batches
 from reproduction.distributed import Distributed
 from reproduction.errors import UserError
 from reproduction.runfolder import BEST, SELECTED_BY_VAL, RunFolder
@@ -40,10 +40,6 @@ READ_EVERY = 20
 class TrainingStopped(UserError, RuntimeError):
     """The guard stopped the run; the message says why and what to try (exit status 1)."""
     exit_code = 1
-
-
-class UnreadableBatch(UserError):
-    """The loader met data it cannot read; the loop checkpoints the steps taken, then stops."""
 
 
 @dataclasses.dataclass
@@ -220,7 +216,10 @@ class Loop:
         images = self._steps(epoch, interrupt, start)
         sums = self.position["sums"]
         seconds = sums["seconds"] + time.time() - start
-        val = self.task.validate()
+        try:
+            val = self.task.validate()
+        except UnreadableImages as e:  # the epoch's steps are kept: a resume validates again
+            raise UnreadableImages(f"{e}; {self._keep_progress()}, then --resume") from None
         if not (all(math.isfinite(v) for v in val.values() if isinstance(v, float)) and math.isfinite(sums["loss"])):
             raise TrainingStopped(f"epoch {epoch + 1} (ε = {self.lr:g}) produced a non-finite loss: the net's "
                                   f"outputs overflowed; nothing of this epoch is recorded. Try a smaller learning "
@@ -277,8 +276,8 @@ class Loop:
                     self.stopped = (f"at the deadline: epoch {epoch + 1} ended after {sums['images']:,} "
                                     f"of its {self.task.images:,} images")
                     return sums["images"]
-        except UnreadableBatch as e:
-            raise UnreadableBatch(f"{e}; {self._keep_progress()}, then --resume") from None
+        except UnreadableImages as e:  # the steps taken are kept
+            raise UnreadableImages(f"{e}; {self._keep_progress()}, then --resume") from None
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's threads stop with it
         return None

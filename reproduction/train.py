@@ -24,19 +24,18 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from reproduction import kernels
 from reproduction.build import build, deterministic_setup
 from reproduction.checkpoints import CHECKPOINT, config_dict, config_of, load_checkpoint
 from reproduction.config import RunConfig, override
-from reproduction.data import PackedSet, default_workers, epoch_order, train_batches
+from reproduction.data import PackedSet, default_workers, epoch_order, name_undecodable, train_batches
 from reproduction.distributed import Distributed, parse_devices, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.files import read_json_file
-from reproduction.loop import Loop, Options, Task, TrainingStopped, UnreadableBatch, position_text
+from reproduction.loop import Loop, Options, Task, TrainingStopped, position_text
 from reproduction.optim import fixed_schedule_lr, plateau_lr
 from reproduction.runfolder import RunFolder, data_identity, git_state, locate_data, open_data, run_record
 
@@ -180,7 +179,11 @@ def _task(config: RunConfig, data_dir: Path, train_set: PackedSet, val_set: Pack
                                   t.batch_size, start)
 
     def validate() -> dict:
-        last["centre"] = v = evaluate(built.model, val_set, stats, config.data, ten_patch=False, **eval_kw)
+        try:
+            last["centre"] = v = evaluate(built.model, val_set, stats, config.data, ten_patch=False, **eval_kw)
+        except RuntimeError as e:  # a damaged image: named, and the loop keeps the epoch's steps
+            name_undecodable(val_set, range(len(val_set)), e)
+            raise
         return {"val_top1_error": v["top1_error"], "val_top5_error": v["top5_error"], "val_loss": v["loss"]}
 
     def finish(rows: list[dict]) -> dict:
@@ -234,29 +237,14 @@ def _naming_bad_images(batches: Iterator[tuple[Tensor, Tensor]], dataset: Packed
         except StopIteration:
             return
         except RuntimeError as e:
-            bad = _undecodable(dataset, order[k * batch_size:(k + 1) * batch_size].tolist())
-            if not bad:
-                raise
-            raise UnreadableBatch(f"{dataset.root / (dataset.split + '.jpg.bin')}: {', '.join(bad[:5])} cannot be "
-                                  f"decoded ({str(e).splitlines()[0][:80]}); re-prepare the set from its source "
-                                  "(python -m data_prep ... --force)") from None
+            name_undecodable(dataset, order[k * batch_size:(k + 1) * batch_size].tolist(), e)
+            raise
         try:
             yield item
         except GeneratorExit:  # closed early (a deadline, an error): the loader's threads stop now
             getattr(batches, "close", lambda: None)()
             raise
         k += 1
-
-
-def _undecodable(dataset: PackedSet, indices: list[int]) -> list[str]:
-    names = (dataset.root / f"{dataset.split}.names.txt").read_text().splitlines()
-    bad = []
-    for i in indices:
-        try:
-            decode_jpeg(dataset.encoded([i])[0], mode=ImageReadMode.RGB)
-        except RuntimeError:
-            bad.append(f"image {i} ({names[i] if i < len(names) else '?'})")
-    return bad
 
 
 def _quiet(message: str) -> None:

@@ -122,10 +122,19 @@ class TestTransform:
 
     def prepare(self, image: Image.Image | Tensor | np.ndarray) -> Tensor:
         """§2: uint8 3×S×S RGB, S = image_size."""
+        if not isinstance(image, (Image.Image, Tensor, np.ndarray)):
+            raise TypeError(f"expected a PIL image or an image tensor/array, got {type(image).__name__}; "
+                            "open a file with PIL.Image.open(path) (or use reproduction.predict.load_image)")
         if isinstance(image, Tensor):
-            if image.dim() != 3 or image.shape[0] not in (1, 3) or image.dtype == torch.bool or image.is_complex():
-                raise ValueError(f"expected an image tensor C×H×W or B×C×H×W (C = 1 or 3), uint8 0–255 or "
-                                 f"float 0–1, got {image.dtype} {tuple(image.shape)}")
+            if image.dim() != 3 or image.shape[0] not in (1, 3) or image.dtype == torch.bool or image.is_complex() \
+                    or not image.shape[1] or not image.shape[2]:
+                raise ValueError(f"expected an image tensor C×H×W or B×C×H×W (C = 1 or 3, H and W >= 1), uint8 "
+                                 f"0–255 or float 0–1, got {image.dtype} {tuple(image.shape)}")
+            if not image.is_floating_point() and image.dtype != torch.uint8:  # int16/32/64 holding 0–255
+                lo, hi = image.min().item(), image.max().item()
+                if lo < 0 or hi > 255:
+                    raise ValueError(f"an integer image tensor must hold 0–255, got {lo}…{hi} ({image.dtype})")
+                image = image.to(torch.uint8)  # not convert_image_dtype: it scales by the dtype's range
             if image.is_floating_point():
                 lo, hi = (image.min().item(), image.max().item()) if image.numel() else (0.0, 0.0)
                 if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too; torchvision's presets do not check

@@ -241,6 +241,24 @@ def test_transforms_take_what_torchvisions_preset_takes():
         ours(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
 
 
+def test_transforms_refuse_or_convert_what_would_be_silently_wrong():
+    """int tensors holding 0–255 are those pixels (not black, as a dtype-range conversion
+    would make them); empty images, strings and out-of-range integers are refused; a strip
+    (1×5,000 px) is cropped without resizing all of it."""
+    ours = record().transforms()
+    u8 = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (3, 40, 48), dtype=np.uint8))
+    for dtype in (torch.int16, torch.int32, torch.int64):
+        assert torch.equal(ours(u8.to(dtype)), ours(u8)), dtype
+    with pytest.raises(ValueError, match="must hold 0–255"):
+        ours(u8.to(torch.int32) * 2)
+    with pytest.raises(ValueError, match="H and W >= 1"):
+        ours(torch.zeros(3, 0, 0, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="PIL.Image.open"):
+        ours("cat.jpg")
+    strip = ours(Image.new("RGB", (5000, 1), (200, 10, 10)))
+    assert strip.shape == (3, 224, 224) and torch.isfinite(strip).all()
+
+
 def test_meta_names_the_categories_as_torchvision_does():
     w = record()
     assert "categories" in AlexNet_Weights.IMAGENET1K_V1.meta

@@ -151,6 +151,28 @@ def test_ctrl_c_during_an_epochs_validation_stops_after_its_checkpoint(tiny_set,
     assert final["epochs"] == 1 and (tmp_path / "run" / "final.json").is_file()
 
 
+def test_a_damaged_val_image_is_named_and_the_epochs_steps_kept(tiny_set, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    data = tmp_path / "data"
+    shutil.copytree(tiny_set, data)
+    offset, length, _ = np.load(data / "val.index.npy")[2]
+    with open(data / "val.jpg.bin", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * length)
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--devices", "cpu", "--workers", "0",
+            "--set", "batch_size=4", "epochs=1", "seed=3", "stuck_steps=10000"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "image 2 (val_2.JPEG)" in err and "val.jpg.bin" in err and "Traceback" not in err
+    saved = checkpoints.load_checkpoint(tmp_path / "run" / checkpoints.CHECKPOINT)["position"]
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (0, 4, 4)  # the epoch's 4 steps are kept
+    shutil.copy(tiny_set / "val.jpg.bin", data / "val.jpg.bin")  # repaired: the run goes on from there
+    assert train_main(["--resume", "--out", str(tmp_path / "run"), "--workers", "0"]) == 0
+    assert len(runfolder.read_metrics(tmp_path / "run")) == 1
+
+
 def test_a_recorded_relative_data_path_is_found_from_another_directory(tmp_path, monkeypatch):
     (tmp_path / "checkout" / "data" / "set").mkdir(parents=True)
     run_folder = tmp_path / "checkout" / "runs" / "set" / "paper-cpu" / "seed0"
