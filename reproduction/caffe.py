@@ -239,6 +239,9 @@ def read_weights(path: str | Path, prototxt: str | Path | None = None, *,
                  prototxt_arg: str = "prototxt=") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Either file, told apart by its first bytes (a .npy starts with \\x93NUMPY). prototxt_arg:
     how the caller names the prototxt in its errors (the CLI: --prototxt)."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; give the weights file in it ({WHERE_FROM}, or the TensorFlow "
+                         "ports' bvlc_alexnet.npy)")
     try:
         is_npy = _is_npy(Path(path))
     except FileNotFoundError:

@@ -466,3 +466,14 @@ def test_a_missing_or_cut_short_caffemodel_says_where_bvlcs_file_is(tmp_path, ca
         assert BVLC_URL in err and BVLC_SHA1 in err, err
     with pytest.raises(FileNotFoundError, match=BVLC_SHA1):
         reproduction.alexnet_caffe(tmp_path / "absent.caffemodel")
+
+
+def test_a_folder_given_as_the_weights_is_one_line(tmp_path, capsys):
+    from reproduction import caffe
+    from reproduction.weights import alexnet_caffe
+    assert caffe.main([str(tmp_path), "--out", str(tmp_path / "out" / "checkpoint.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is a folder; give the weights file"):
+        alexnet_caffe(tmp_path)
