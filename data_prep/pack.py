@@ -407,7 +407,8 @@ def _expected(source: Source, opts: Options, seen: dict[str, int]) -> dict:
 
 def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", force: bool = False,
             on_chunk: Callable[[str], None] | None = None) -> dict:
-    """Prepare `source` into `out`; return the manifest. Idempotent: a finished set is left alone."""
+    """Prepare `source` into `out`; return the manifest. Idempotent: a finished set is left alone.
+    The folder is locked while this process writes it (a second data_prep on it is refused)."""
     if opts.holdout:
         source = with_holdout(source, opts.holdout)
     out = Path(out)
@@ -416,32 +417,84 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
     if out.exists() and not out.is_dir():
         raise PrepError(f"--out {out} is a file, not a folder; give a folder for the prepared set")
     if manifest_path.is_file() and not force:
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            manifest["settings"], manifest["splits"], manifest["dataset"]
-        except (ValueError, KeyError, TypeError):
-            raise PrepError(f"{manifest_path} is not a data_prep manifest (unreadable, or without settings); "
-                            "use another --out, or --force to replace what is there") from None
-        diff = _differing(manifest["settings"], settings)
-        if diff:
-            raise PrepError(f"{out} holds a complete set made with other settings ({', '.join(diff)}); "
-                            "use another --out, or --force to redo it")
-        print(f"{manifest_path} exists: the set is complete, nothing to do (--force redoes it)", file=sys.stderr)
-        return manifest
+        return _complete(out, settings)
+    foreign = [_printable(c.id) for c in source.classes if not (_utf8(c.id) and _utf8(c.name))]
+    if foreign:  # its images would all be skipped (names.txt is UTF-8): a class with no images
+        raise PrepError(f"{source_arg or source.dataset}: class folder name(s) not valid UTF-8: {', '.join(foreign[:5])}; "
+                        "rename them (e.g. with convmv) and run again")
+    lock = _lock(out)
+    try:
+        if manifest_path.is_file() and not force:  # another process finished it while we waited to lock
+            return _complete(out, settings)
+        if force:
+            manifest_path.unlink(missing_ok=True)  # first, so a half-redone set never looks complete
+            shutil.rmtree(work, ignore_errors=True)
+        _check_work(work, settings)
+        return _prepare_locked(source, out, opts, settings, source_arg, on_chunk)
+    finally:
+        os.close(lock)
+
+
+def _lock(out: Path) -> int:
+    """Create `out` and hold an exclusive flock on it (dropped when the descriptor closes)."""
+    import fcntl
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test.tmp"
         probe.write_bytes(b"")
         probe.unlink()
+        fd = os.open(out, os.O_RDONLY)
     except OSError as e:
         raise PrepError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
-    if force:
-        manifest_path.unlink(missing_ok=True)  # first, so a half-redone set never looks complete
-        shutil.rmtree(work, ignore_errors=True)
-    _check_work(work, settings)
-    classes = source.classes[: opts.num_classes] if opts.num_classes else source.classes
-    hashes = _source_hashes(source, work, opts.hash_sources)
-    t0 = time.perf_counter()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PrepError(f"--out {out} is being prepared by another process now (it holds the folder's lock): "
+                        "wait for it to end, or choose another --out") from None
+    return fd
+
+
+def _complete(out: Path, settings: dict) -> dict:
+    """The manifest of a set already complete in `out`, checked against these settings and
+    against the files it describes (a hand-edited or foreign manifest is not taken on trust)."""
+    manifest_path = out / "manifest.json"
+    advice = "use another --out, or --force to redo it"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["settings"], manifest["splits"], manifest["dataset"]
+    except (ValueError, KeyError, TypeError):
+        raise PrepError(f"{manifest_path} is not a data_prep manifest (unreadable, or without settings); "
+                        "use another --out, or --force to replace what is there") from None
+    diff = _differing(manifest["settings"], settings)
+    if diff:
+        raise PrepError(f"{out} holds a complete set made with other settings ({', '.join(diff)}); {advice}")
+    for split, entry in manifest["splits"].items():
+        problem = _split_mismatch(out, split, entry)
+        if problem:
+            raise PrepError(f"{manifest_path} does not describe the files beside it ({split}: {problem}); {advice}")
+    print(f"{manifest_path} exists: the set is complete, nothing to do (--force redoes it)", file=sys.stderr)
+    return manifest
+
+
+def _split_mismatch(out: Path, split: str, entry: dict) -> str | None:
+    """What differs between a manifest's split entry and its index and bytes on disk, or None."""
+    try:
+        index = np.load(out / f"{split}.index.npy")
+        size = (out / f"{split}.jpg.bin").stat().st_size
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    count = entry.get("count") if isinstance(entry, dict) else None
+    if count != len(index):
+        return f"the manifest says {count} images, {split}.index.npy holds {len(index)}"
+    if len(index) and size != int(index[-1, 0] + index[-1, 1]):
+        return f"{split}.jpg.bin holds {size:,} bytes, its index ends at {int(index[-1, 0] + index[-1, 1]):,}"
+    return None
+
+
+def _convert_splits(source: Source, opts: Options, work: Path, out: Path, source_arg: str,
+                    on_chunk: Callable[[str], None] | None) -> dict[str, list[dict]]:
+    """Convert every split into chunks under `work` (in a process pool); their markers per split."""
     pool = multiprocessing.get_context().Pool(opts.workers, initializer=_worker_init) if opts.workers > 1 else None
     markers = {}
     try:
@@ -457,46 +510,52 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
     finally:
         if pool is not None:
             stop_pool(pool)
-    convert_seconds = time.perf_counter() - t0
-    stored = {s: sum(m["stored"] for m in markers[s]) for s in source.splits}
+    return markers
+
+
+def _check_not_empty(source: Source, markers: dict[str, list[dict]], source_arg: str) -> None:
+    """Before anything final is written: a set with no train or val images is no set."""
     required = [s for s in source.splits if s in ("train", "val")]  # a held-out set's test may be empty
-    empty = [s for s in required if stored[s] == 0]
-    if empty:  # checked before anything final is written: a set with no val is no set
+    empty = [s for s in required if sum(m["stored"] for m in markers[s]) == 0]
+    if empty:
         seen = {s: sum(m["records"] for m in markers[s]) for s in empty}
         raise PrepError(f"{source_arg or source.dataset}: the {' and '.join(empty)} split(s) hold no images "
                         f"({', '.join(f'{s}: {seen[s]} records, all skipped' if seen[s] else f'{s}: none found' for s in empty)}; "
                         f"split origin {[source.split_origin.get(s, s) for s in empty]}); give a source with "
                         "images in train and val (or --holdout N to carve val out of train)")
+
+
+def _prepare_locked(source: Source, out: Path, opts: Options, settings: dict, source_arg: str,
+                    on_chunk: Callable[[str], None] | None) -> dict:
+    """Convert, assemble, write stats.npz and, last, the manifest."""
+    work = out / WORK
+    classes = source.classes[: opts.num_classes] if opts.num_classes else source.classes
+    hashes = _source_hashes(source, work, opts.hash_sources)
+    t0 = time.perf_counter()
+    markers = _convert_splits(source, opts, work, out, source_arg, on_chunk)
+    convert_seconds = time.perf_counter() - t0
+    _check_not_empty(source, markers, source_arg)
     splits, sums = {}, None
     for s in source.splits:
         splits[s], split_sums = assemble_split(out, work, s, markers[s], len(classes))
         splits[s]["stored_from"] = source.split_origin.get(s, s)
         sums = split_sums if s == "train" else sums
-    seen = {s: splits[s]["records_seen"] for s in source.splits}
-    expected = _expected(source, opts, seen)
+    expected = _expected(source, opts, {s: splits[s]["records_seen"] for s in source.splits})
     _report_counts(expected, opts.strict_counts)
-    stats_entry = _write_stats(out, sums, opts, source)
     converted = [c for ms in markers.values() for m in ms for c in m["converted"]]
     manifest = {
         "format": FORMAT, "dataset": source.dataset,
         "classes": [{"index": c.index, "id": c.id, "name": c.name,
                      **({"ilsvrc_id": c.ilsvrc_id} if c.ilsvrc_id is not None else {})} for c in classes],
-        "image_size": source.native_size or image.PAPER_SIZE,
-        "jpeg_quality": opts.quality,
-        "geometry": _geometry(source, opts),
-        "splits": splits,
-        "stats": stats_entry,
-        "sources": hashes,
-        "skipped": [s for ms in markers.values() for m in ms for s in m["skipped"]],
-        "converted": converted,
-        "converted_counts": dict(Counter(c["from"] for c in converted)),
-        "settings": settings,
-        "expected_counts": expected,
-        "notes": source.notes,
+        "image_size": source.native_size or image.PAPER_SIZE, "jpeg_quality": opts.quality,
+        "geometry": _geometry(source, opts), "splits": splits, "stats": _write_stats(out, sums, opts, source),
+        "sources": hashes, "skipped": [s for ms in markers.values() for m in ms for s in m["skipped"]],
+        "converted": converted, "converted_counts": dict(Counter(c["from"] for c in converted)),
+        "settings": settings, "expected_counts": expected, "notes": source.notes,
         "tool": {"name": "data_prep", "version": TOOL_VERSION, **_git_info()},
         "seconds": {"convert": round(convert_seconds, 1), "total": round(time.perf_counter() - t0, 1)},
     }
-    _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    _atomic_write(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     if not opts.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

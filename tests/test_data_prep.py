@@ -621,3 +621,48 @@ def test_cli_help_explains_every_option_and_runs(shared_data, tmp_path, capsys):
     assert "train (from train): 20 images" in capsys.readouterr().out
     assert main(["cifar10", str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_complete_set_is_checked_against_its_files(shared_data, tmp_path):
+    """A hand-edited manifest (a count its index does not hold) or a cut bytes file is not
+    taken for a complete set; the untouched set still is."""
+    m, out = prep_with(tmp_path, shared_data, "also.JPEG", reference_jpeg(shared_data))
+    source = sources.imagefolder(tmp_path / "set")
+    assert prepare(source, out, Options(**FAST)) == m  # complete: nothing to do
+    edited = json.loads((out / "manifest.json").read_text())
+    edited["splits"]["val"]["count"] = 999
+    (out / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(PrepError, match="val: the manifest says 999 images, val.index.npy holds 1"):
+        prepare(source, out, Options(**FAST))
+    (out / "manifest.json").write_text(json.dumps(m))
+    with open(out / "train.jpg.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(PrepError, match="train.jpg.bin holds 100 bytes"):
+        prepare(source, out, Options(**FAST))
+
+
+def test_a_second_prepare_into_a_folder_being_written_is_refused(shared_data, tmp_path):
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a first data_prep holds it while it writes
+    try:
+        with pytest.raises(PrepError, match="being prepared by another process"):
+            prep_with(tmp_path, shared_data, "also.JPEG", reference_jpeg(shared_data))
+    finally:
+        os.close(fd)
+    assert list(out.iterdir()) == []
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused(shared_data, tmp_path):
+    """Its images could not be listed in names.txt: it would become a class with no images."""
+    for split in ("train", "val"):
+        for cls in (b"good", b"bad\xff"):
+            folder = os.path.join(os.fsencode(tmp_path / "set" / split), cls)
+            os.makedirs(folder)
+            with open(os.path.join(folder, b"0.JPEG"), "wb") as f:
+                f.write(reference_jpeg(shared_data))
+    with pytest.raises(PrepError, match=r"not valid UTF-8: bad\\xff; rename them"):
+        prepare(sources.imagefolder(tmp_path / "set"), tmp_path / "out", Options(**FAST))
+    assert not (tmp_path / "out").exists()
