@@ -33,8 +33,8 @@ import torch
 import torchvision
 from torch import nn
 
-from reproduction.config import DataConfig, RunConfig, override
-from reproduction.data import PackedSet, decoder, default_workers, eval_batches, load_stats, train_batches
+from reproduction.config import DataConfig, RunConfig, TrainConfig, override
+from reproduction.data import PackedSet, Stats, decoder, default_workers, eval_batches, load_stats, train_batches
 from reproduction.errors import UserError, run_cli
 from reproduction import lrn as lrn_op
 from reproduction.evaluate import evaluate
@@ -340,54 +340,16 @@ def bench_model(args: argparse.Namespace) -> int:
     forward + backward + optimiser update on a synthetic batch; img/s from the median step time."""
     device = open_device(args.device)
     cpu = device.type == "cpu"
-    batch_sizes = args.batch_sizes or ([32] if cpu else [128, 512])
     steps = args.steps or (3 if cpu else 30)
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
-    if cpu and args.variants is None and args.precisions is None:
-        rows = [(b, p, v) for b in batch_sizes for v, p in CPU_ROWS]
-    else:
-        rows = [(b, p, v) for b, p, v in itertools.product(
-            batch_sizes, args.precisions or ["fp32", "bf16"], args.variants or list(VARIANTS))]
-    notes = []
-    if cpu:
-        notes.append(f"native bf16: {'yes' if native_bf16(device) else 'no (bf16 is emulated: expect it slower than fp32)'}; "
-                     f"LRN operator: {'C kernel' if lrn_op.kernel_available() else 'plain PyTorch fallback (no C compiler)'}; "
-                     f"{torch.get_num_threads()} threads")
-    if device.type == "cuda":
-        # Every row runs under the same process-wide settings: fp32 matmuls and convolutions may
-        # use TF32 (the issue's "fp32/tf32"), and cuDNN picks its kernels by timing them (as
-        # torchvision's reference recipe and our train.py do).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        notes.append("fp32 rows: TF32 allowed for matmuls and convolutions in every row (train.py itself "
-                     "leaves torch's defaults: TF32 convolutions, fp32 matmuls); cudnn.benchmark on")
+    notes = model_settings(device)
     results, profiles, failed = [], {}, False
-    for batch, precision, variant in rows:
-        result = {"variant": variant, "batch": batch, "precision": precision, "img_s": None, "note": ""}
-        what = f"{' / '.join(VARIANTS[variant])}, batch {batch}, {precision}"
-        try:
-            if variant == "fast-compiled":
-                torch.compiler.reset()  # a fresh compile per row: no shapes or guards carried over
-            if variant == "torchvision":
-                step, model = torchvision_step(batch, precision, device), None
-            else:
-                step, model, optimizer = ours_step(variant, batch, precision, device)
-            seconds = statistics.median(step_times(step, steps=steps, warmup=warmup, device=device))
-            result["img_s"] = batch / seconds
-            print(f"{what}: {1000 * seconds:.1f} ms/step, {batch / seconds:,.0f} img/s", flush=True)
-            if args.profile and variant in ("reference", "fast"):
-                clock = LayerClock(model, optimizer, device)
-                profiles[f"{VARIANTS[variant][1]}, b{batch} {precision}"] = clock.run(step, steps)
-        except Unavailable as e:
-            result["note"] = str(e)
-            print(f"{what}: n/a ({e})", flush=True)
-        except Exception as e:  # out of memory, a failed compile (Triton's errors are no RuntimeError): report it, measure the other rows
-            failed = True
-            result["note"] = f"failed: {type(e).__name__}"
-            print(f"{what}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    for batch, precision, variant in model_rows(args, cpu):
+        result, broke = measure_model_row(variant, batch, precision, device, steps=steps, warmup=warmup,
+                                          profiles=profiles if args.profile else None)
         results.append(result)
-        step = model = optimizer = None
-        gc.collect()
+        failed |= broke
+        gc.collect()  # the row's net and optimiser are gone: free their memory before the next row
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.profile:
@@ -400,6 +362,61 @@ def bench_model(args: argparse.Namespace) -> int:
     print()
     print(model_table(results))
     return 1 if failed else 0
+
+
+def model_rows(args: argparse.Namespace, cpu: bool) -> list[tuple[int, str, str]]:
+    """(batch, precision, variant) of each row to measure: CPU_ROWS on a CPU unless told otherwise."""
+    batch_sizes = args.batch_sizes or ([32] if cpu else [128, 512])
+    if cpu and args.variants is None and args.precisions is None:
+        return [(b, p, v) for b in batch_sizes for v, p in CPU_ROWS]
+    return [(b, p, v) for b, p, v in itertools.product(
+        batch_sizes, args.precisions or ["fp32", "bf16"], args.variants or list(VARIANTS))]
+
+
+def model_settings(device: torch.device) -> list[str]:
+    """Set the process-wide settings every row runs under; returns the lines that state them."""
+    if device.type == "cpu":
+        return [f"native bf16: {'yes' if native_bf16(device) else 'no (bf16 is emulated: expect it slower than fp32)'}; "
+                f"LRN operator: {'C kernel' if lrn_op.kernel_available() else 'plain PyTorch fallback (no C compiler)'}; "
+                f"{torch.get_num_threads()} threads"]
+    if device.type != "cuda":
+        return []
+    # fp32 matmuls and convolutions may use TF32 (the "fp32/tf32" rows), and cuDNN picks its
+    # kernels by timing them (as torchvision's reference recipe and our train.py do).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return ["fp32 rows: TF32 allowed for matmuls and convolutions in every row (train.py itself "
+            "leaves torch's defaults: TF32 convolutions, fp32 matmuls); cudnn.benchmark on"]
+
+
+def measure_model_row(variant: str, batch: int, precision: str, device: torch.device, *, steps: int,
+                      warmup: int, profiles: dict | None) -> tuple[dict, bool]:
+    """One row of the table and whether it failed. A variant this device cannot run, or one that
+    fails (out of memory, a failed compile), is reported in its row; the other rows still run.
+    profiles: where to add the eager variants' per-layer shares (--profile), else None."""
+    result = {"variant": variant, "batch": batch, "precision": precision, "img_s": None, "note": ""}
+    what = f"{' / '.join(VARIANTS[variant])}, batch {batch}, {precision}"
+    try:
+        if variant == "fast-compiled":
+            torch.compiler.reset()  # a fresh compile per row: no shapes or guards carried over
+        if variant == "torchvision":
+            step, model, optimizer = torchvision_step(batch, precision, device), None, None
+        else:
+            step, model, optimizer = ours_step(variant, batch, precision, device)
+        seconds = statistics.median(step_times(step, steps=steps, warmup=warmup, device=device))
+        result["img_s"] = batch / seconds
+        print(f"{what}: {1000 * seconds:.1f} ms/step, {batch / seconds:,.0f} img/s", flush=True)
+        if profiles is not None and variant in ("reference", "fast"):
+            clock = LayerClock(model, optimizer, device)
+            profiles[f"{VARIANTS[variant][1]}, b{batch} {precision}"] = clock.run(step, steps)
+    except Unavailable as e:
+        result["note"] = str(e)
+        print(f"{what}: n/a ({e})", flush=True)
+    except Exception as e:  # Triton's errors are no RuntimeError: report any, measure the other rows
+        result["note"] = f"failed: {type(e).__name__}"
+        print(f"{what}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return result, True
+    return result, False
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -444,29 +461,8 @@ def bench_train(args: argparse.Namespace) -> int:
     torch.manual_seed(t.seed)
     _, optimizer, module = build(config, (device,), log=lambda s: None)
     workers = default_workers(device) if args.workers is None else args.workers
-
-    def loader() -> Iterator:  # passes over the set, as many as it takes, laid out as train() asks
-        return itertools.chain.from_iterable(train_batches(
-            train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed, epoch=e, device=device,
-            workers=workers, channels_last=t.channels_last) for e in itertools.count())
-
-    def steps(batches: Iterator) -> dict:
-        """The loop's work per batch: dropout seed, train_step, a read-back every READ_EVERY steps."""
-        pending, images = [], 0
-        for i, (x, y) in enumerate(itertools.islice(batches, args.warmup + args.batches)):
-            if i == args.warmup:
-                sync(device)
-                start, images = time.perf_counter(), 0
-            torch.manual_seed(step_seed(t.seed, i))
-            pending.append(train_step(module, optimizer, x, y, n=len(y), precision=t.precision,
-                                      channels_last=t.channels_last)[0])
-            images += len(y)
-            if len(pending) == READ_EVERY:
-                torch.stack(pending).tolist()
-                pending.clear()
-        sync(device)
-        return {"images": images, "seconds": time.perf_counter() - start}
-
+    loader = lambda: train_stream(train_set, stats, config, device, workers)
+    steps = lambda batches: time_steps(batches, module, optimizer, t, device, warmup=args.warmup, count=args.batches)
     settings = {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
                 "fused_lrn": t.fused_lrn, "batch": t.batch_size, "workers": workers}
     print("\n".join(machine_lines(device)))
@@ -478,9 +474,9 @@ def bench_train(args: argparse.Namespace) -> int:
     # Each measurement is printed (and recorded) when it ends, the table with the ratios last.
     # The loader alone first: it also warms the page cache for the end-to-end run.
     measurements = [
-        ("loader only (read, decode, augment: the ceiling)", lambda: time_batches(loader(), args.batches, device)),
-        ("model only (train_step on one resident batch)", lambda: steps(itertools.repeat(next(loader())))),
-        ("end to end (loader → train_step)", lambda: steps(loader()))]
+        (LOADER_ONLY, lambda: time_batches(loader(), args.batches, device)),
+        (MODEL_ONLY, lambda: steps(itertools.repeat(next(loader())))),
+        (END_TO_END, lambda: steps(loader()))]
     rates = {}
     for name, measure in measurements:
         r = measure()
@@ -489,14 +485,53 @@ def bench_train(args: argparse.Namespace) -> int:
         record(args.json, {"bench": "train", "measurement": name, "img_s": round(rates[name], 1),
                            "images": r["images"], "seconds": round(r["seconds"], 3), "device": device_name(device),
                            "torch": torch.__version__, "decoder": decoder(device), **settings})
-    model_only = rates["model only (train_step on one resident batch)"]
-    ratio = rates["end to end (loader → train_step)"] / model_only
-    record(args.json, {"bench": "train", "measurement": "end to end / model only", "ratio": round(ratio, 3), **settings})
+    print_train_table(rates, device, args.json, settings)
+    return 0
+
+
+LOADER_ONLY = "loader only (read, decode, augment: the ceiling)"
+MODEL_ONLY = "model only (train_step on one resident batch)"
+END_TO_END = "end to end (loader → train_step)"
+
+
+def train_stream(train_set: PackedSet, stats: Stats, config: RunConfig, device: torch.device,
+                 workers: int) -> Iterator:
+    """Training batches over as many passes of the set as it takes, laid out as train() asks."""
+    t = config.train
+    return itertools.chain.from_iterable(train_batches(
+        train_set, stats, config.data, batch_size=t.batch_size, seed=t.seed, epoch=e, device=device,
+        workers=workers, channels_last=t.channels_last) for e in itertools.count())
+
+
+def time_steps(batches: Iterator, module: nn.Module, optimizer: torch.optim.Optimizer, t: TrainConfig,
+               device: torch.device, *, warmup: int, count: int) -> dict:
+    """The loop's work per batch, timed after `warmup` batches: dropout seed, train_step, a
+    read-back every READ_EVERY steps."""
+    pending, images = [], 0
+    for i, (x, y) in enumerate(itertools.islice(batches, warmup + count)):
+        if i == warmup:
+            sync(device)
+            start, images = time.perf_counter(), 0
+        torch.manual_seed(step_seed(t.seed, i))
+        pending.append(train_step(module, optimizer, x, y, n=len(y), precision=t.precision,
+                                  channels_last=t.channels_last)[0])
+        images += len(y)
+        if len(pending) == READ_EVERY:
+            torch.stack(pending).tolist()
+            pending.clear()
+    sync(device)
+    return {"images": images, "seconds": time.perf_counter() - start}
+
+
+def print_train_table(rates: dict[str, float], device: torch.device, json_path: str | None, settings: dict) -> None:
+    """The measurements beside the model-only rate, and the end-to-end ratio (also to --json)."""
+    model_only = rates[MODEL_ONLY]
+    ratio = rates[END_TO_END] / model_only
+    record(json_path, {"bench": "train", "measurement": "end to end / model only", "ratio": round(ratio, 3), **settings})
     print()
     print(markdown(["measurement", "img/s", "vs model only"],
                    [[name, rate_text(rate), f"{rate / model_only:.2f}×"] for name, rate in rates.items()]))
     print(f"\nend to end / model only = {ratio:.2f}; decoder: {decoder(device)}")
-    return 0
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

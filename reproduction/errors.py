@@ -111,3 +111,35 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         if debugging():
             raise
         return 130
+
+
+def writable_file(path: str | os.PathLike, option: str, *, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Check, before any long work, that a command may write the file `path` (named by `option`
+    in the message): not one of its `inputs` or a file inside an input folder, not a folder, and
+    its folder writable (or creatable). Creates nothing, so a refusal leaves everything as it was."""
+    path = Path(path)
+    for given in map(Path, inputs):
+        if _same_file(path, given) or (given.is_dir() and path.exists() and _inside(path, given)):
+            raise UserError(f"{option} {path} would overwrite the input {given}; write to another path")
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: {folder} is not writable; choose another path or fix its permissions")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{option} {path} is read-only; choose another path or fix its permissions")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents

@@ -8,7 +8,9 @@ reflections) averaged.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +22,34 @@ from torch import Tensor, nn
 from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, num_batches
 from reproduction.distributed import Distributed, parse_devices  # the same placement rule as training
-from reproduction.errors import UserError, run_cli
+from reproduction.errors import UserError, run_cli, writable_file
 from reproduction.precision import autocast
-from reproduction.checkpoints import config_of, load_checkpoint, model_from_checkpoint
+from reproduction.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import write_json
-from reproduction.runfolder import evaluation_path, open_data
+from reproduction.runfolder import RUN_FILES, evaluation_path, open_data
+
+# A run folder (one holding config.json or checkpoint.pt) holds files that each belong to one
+# command; a command may replace its own, never the training run's or another command's.
+FIG3 = "fig3-conv1"  # Fig. 3 picture and record that `python -m reproduction` writes into its run folder
+RUN_RECORDS = {
+    "train": ("the training run", RUN_FILES),
+    "filters": ("the Fig. 3 record (visualize filters)", (f"{FIG3}.png", f"{FIG3}.json")),
+    "evaluate": ("an evaluation (evaluate)", ("eval-*.json",)),
+}
+
+
+def refuse_run_file(path: Path, option: str, command: str) -> None:
+    """UserError if `path` is in a run folder and is a file that a command other than `command`
+    (a key of RUN_RECORDS, or any other name) writes there."""
+    name, folder = Path(path).name, Path(path).parent
+    if not any((folder / marker).exists() for marker in ("config.json", CHECKPOINT)):
+        return
+    for owner, (what, patterns) in RUN_RECORDS.items():
+        if owner != command and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            raise UserError(f"{option} {path}: {name} in this run folder belongs to {what} and is never "
+                            "replaced; write to another file name")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: Stats,
              config: DataConfig | Sequence[DataConfig], *, ten_patch: bool, batch_size: int = 128,
@@ -55,25 +80,15 @@ def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: 
     batches = [eval_batches(dataset, stats, c, batch_size=batch_size, device=device, ten_patch=ten_patch,
                             workers=workers, shard=(rank, world), channels_last=channels_last) for c in streams]
     # Counts and the loss sum stay on the device, read once at the end: a read per batch would
-    # wait for the device each batch (three waits per batch before).
+    # make every batch wait for the device.
     counts = loss = None  # (top-1 hits, top-5 hits) int64, and the loss sum in float64
     seen = 0
     try:
         for got in zip(*batches):
             y = got[0][1]
-            probs = 0
-            for m, c in zip(models, configs):
-                x = got[streams.index(c)][0]
-                views = x.flatten(0, 1) if ten_patch else x
-                first = next(m.parameters(), None)  # its first tower's device (none: a parameter-free stand-in)
-                views = views.to(first.device if first is not None else device)
-                if channels_last:
-                    views = views.contiguous(memory_format=torch.channels_last)
-                with autocast(views.device, precision):
-                    logits = m(views)
-                logits = logits.float().to(y.device)
-                probs = probs + average_softmax(logits.unflatten(0, x.shape[:2]) if ten_patch else logits[:, None])
-            probs = probs / len(models)
+            probs = ensemble_softmax(models, [got[streams.index(c)][0] for c in configs], y.device,
+                                     ten_patch=ten_patch, device=device, precision=precision,
+                                     channels_last=channels_last)
             best = probs.topk(min(5, probs.shape[1]), dim=1).indices
             if top5 is not None:
                 top5.append(best.cpu())
@@ -85,13 +100,36 @@ def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: 
     finally:
         for m, was in zip(models, was_training):
             m.train(was)
+    return _errors(counts, loss, seen, replicas) | {"patches": 10 if ten_patch else 1, "models": len(models)}
+
+
+def ensemble_softmax(models: Sequence[nn.Module], inputs: Sequence[Tensor], home: torch.device, *,
+                     ten_patch: bool, device: str | torch.device, precision: str, channels_last: bool) -> Tensor:
+    """B×classes on `home`: each model's softmax on its input batch (B×10×… with ten_patch),
+    averaged over the patches (§4.1), then over the models (§6)."""
+    probs = 0
+    for m, x in zip(models, inputs):
+        views = x.flatten(0, 1) if ten_patch else x
+        first = next(m.parameters(), None)  # its first tower's device (none: a parameter-free stand-in)
+        views = views.to(first.device if first is not None else device)
+        if channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        with autocast(views.device, precision):
+            logits = m(views)
+        logits = logits.float().to(home)
+        probs = probs + average_softmax(logits.unflatten(0, x.shape[:2]) if ten_patch else logits[:, None])
+    return probs / len(models)
+
+
+def _errors(counts: Tensor | None, loss: Tensor | None, seen: int, replicas: Distributed | None) -> dict:
+    """Top-1/top-5 error and mean loss from the device-side sums, added over the ranks."""
     top1, top5_hits = counts.tolist() if counts is not None else (0, 0)
     loss = loss.item() if loss is not None else 0.0
     if replicas is not None:  # integer counts are exact in float64; the loss sum is a float sum
         top1, top5_hits, loss, seen = replicas.sum([top1, top5_hits, loss, seen])
         top1, top5_hits, seen = int(top1), int(top5_hits), int(seen)
     return {"top1_error": 1 - top1 / seen, "top5_error": 1 - top5_hits / seen, "loss": loss / seen,
-            "images": seen, "patches": 10 if ten_patch else 1, "models": len(models)}
+            "images": seen}
 
 
 def final_metrics(model: nn.Module, dataset: PackedSet, stats: Stats, config: DataConfig, *,
@@ -171,37 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m reproduction.evaluate",
-        description="Top-1/top-5 error of a checkpoint on the centre patch and with the ten-patch "
-                    "softmax average (§4.1, §6); of an ensemble when several checkpoints are given "
-                    "(§6: the models' softmax outputs averaged). Writes the result (default: "
-                    "eval-<split>.json beside the checkpoint; a run's final.json is never replaced) "
-                    "and prints it.")
-    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="CHECKPOINT",
-                        help="a run's checkpoint.pt; several = an ensemble (the models may differ in "
-                             "architecture but must share the data's class list)")
-    parser.add_argument("--data", type=Path, required=True, help="a folder prepared by python -m data_prep")
-    parser.add_argument("--split", default="val", help="the split to evaluate (default: val)")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, or two devices 'cuda:0,cuda:1' for the towers (default: the GPU(s) if any)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="where to write the result (default: eval-<split>.json beside the checkpoint; "
-                             "never final.json, the training run's record; required for an ensemble)")
-    parser.add_argument("--predictions", type=Path, default=None, metavar="FILE",
-                        help="also write each image's top-5 classes (ten patches) in the challenge's "
-                             "submission format: one line per image in file-name order, five "
-                             "1-based ILSVRC20xx_IDs, best first (the set must record them: data_prep "
-                             "ilsvrc2010/ilsvrc2012; refused otherwise, and unless every image was "
-                             "predicted once)")
+    parser = _parser()
     args = parser.parse_args(argv)
     if len(args.checkpoint) > 1 and args.output is None:
         parser.error("an ensemble's result belongs to no single run: give --output FILE")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    output = evaluation_path(args.checkpoint[0], args.split, args.output)
-
+    output = _output(args)  # refused now, not after the evaluation
     states = [load_checkpoint(p) for p in args.checkpoint]
     dataset, stats = open_data(args.data, [args.split])
     try:
@@ -216,20 +230,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         model, config = model_from_checkpoint(state, devices=devices, path=path)
         models.append(model)
         configs.append(config)
-    first = configs[0].train
-    kw = dict(batch_size=args.batch_size, device=parse_devices(args.device, towers=1)[0],
-              precision=first.precision, channels_last=first.channels_last)
     start, top5 = time.time(), []
-    data_configs = [c.data for c in configs]
-    result = {"centre": evaluate(models, dataset, stats, data_configs, ten_patch=False, **kw),
-              "ten_patch": evaluate(models, dataset, stats, data_configs, ten_patch=True, top5=top5, **kw)}
-    one = len(states) == 1
-    result |= {"checkpoint": str(args.checkpoint[0]) if one else [str(p) for p in args.checkpoint],
-               "data": str(args.data), "split": args.split,
-               "epochs_trained": states[0]["epoch"] if one else [s["epoch"] for s in states],
-               "seconds": round(time.time() - start, 1),
-               # what the report needs to place the result in Table 1 / 2
-               "dataset": dataset.manifest.get("dataset"), "architectures": [model_changes(c) for c in configs]}
+    result = _both_protocols(models, configs, dataset, stats, args, top5)
+    result |= _provenance(states, configs, dataset, args, seconds=round(time.time() - start, 1))
     if args.predictions is not None:
         try:
             kind = write_predictions(args.predictions, dataset, top5, batch_size=args.batch_size)
@@ -239,6 +242,68 @@ def _main(argv: Sequence[str] | None = None) -> int:
     write_json(output, result)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reproduction.evaluate",
+        description="Top-1/top-5 error of a checkpoint on the centre patch and with the ten-patch "
+                    "softmax average (§4.1, §6); of an ensemble when several checkpoints are given "
+                    "(§6: the models' softmax outputs averaged). Writes the result (default: "
+                    "eval-<split>.json beside the checkpoint; a run's own files are never replaced) "
+                    "and prints it.")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="CHECKPOINT",
+                        help="a run's checkpoint.pt; several = an ensemble (the models may differ in "
+                             "architecture but must share the data's class list)")
+    parser.add_argument("--data", type=Path, required=True, help="a folder prepared by python -m data_prep")
+    parser.add_argument("--split", default="val", help="the split to evaluate (default: val)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, or two devices 'cuda:0,cuda:1' for the towers (default: the GPU(s) if any)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the result (default: eval-<split>.json beside the checkpoint; "
+                             "never a run's own file such as final.json; required for an ensemble)")
+    parser.add_argument("--predictions", type=Path, default=None, metavar="FILE",
+                        help="also write each image's top-5 classes (ten patches) in the challenge's "
+                             "submission format: one line per image in file-name order, five "
+                             "1-based ILSVRC20xx_IDs, best first (the set must record them: data_prep "
+                             "ilsvrc2010/ilsvrc2012; refused otherwise, and unless every image was "
+                             "predicted once)")
+    return parser
+
+
+def _output(args: argparse.Namespace) -> Path:
+    """--output (or its default) after checking it and --predictions: writable, neither an input
+    nor a file of a run folder that another command wrote, and not the same file."""
+    output = evaluation_path(args.checkpoint[0], args.split, args.output)
+    for option, path in (("--output", output), ("--predictions", args.predictions)):
+        if path is not None:
+            writable_file(path, option, inputs=[*args.checkpoint, args.data])
+            refuse_run_file(path, option, "evaluate")
+    if args.predictions is not None and os.path.realpath(args.predictions) == os.path.realpath(output):
+        raise UserError(f"--predictions {args.predictions} is also the --output file; give each its own file")
+    return output
+
+
+def _both_protocols(models: list[nn.Module], configs: list, dataset: PackedSet, stats: Stats,
+                    args: argparse.Namespace, top5: list[Tensor]) -> dict:
+    """The centre patch's and the ten patches' result (the latter's top-5 classes into top5)."""
+    first = configs[0].train
+    kw = dict(batch_size=args.batch_size, device=parse_devices(args.device, towers=1)[0],
+              precision=first.precision, channels_last=first.channels_last)
+    data_configs = [c.data for c in configs]
+    return {"centre": evaluate(models, dataset, stats, data_configs, ten_patch=False, **kw),
+            "ten_patch": evaluate(models, dataset, stats, data_configs, ten_patch=True, top5=top5, **kw)}
+
+
+def _provenance(states: list[dict], configs: list, dataset: PackedSet, args: argparse.Namespace, *,
+                seconds: float) -> dict:
+    """What was evaluated, on what, and what the report needs to place it in Table 1 / 2."""
+    one = len(states) == 1
+    return {"checkpoint": str(args.checkpoint[0]) if one else [str(p) for p in args.checkpoint],
+            "data": str(args.data), "split": args.split,
+            "epochs_trained": states[0]["epoch"] if one else [s["epoch"] for s in states], "seconds": seconds,
+            "dataset": dataset.manifest.get("dataset"), "architectures": [model_changes(c) for c in configs]}
 
 
 if __name__ == "__main__":

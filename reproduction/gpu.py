@@ -1,23 +1,26 @@
-"""The GPU evidence in prepared, one-call stages. A GPU is lent rarely and briefly
-(~15 minutes of device time, at most 10 per call) and only the checkout plus carried ignored
-folders travel, so everything a call needs is built beforehand on a CPU machine:
+"""The GPU checks in stages, for anyone with a machine that has a CUDA GPU.
 
-    python -m reproduction.gpu prepare            # CPU, before the call: builds gpu-carry/
-    python -m reproduction.gpu check              # on the GPU, first: tests, benchmarks, a short run
-    python -m reproduction.gpu ablations --seed 0 # on the GPU: five §4.1/§3 ablations, one seed
-    python -m reproduction.gpu collect DIR        # CPU, after: the returned runs into results/
+    python -m reproduction.gpu prepare            # where the data is (CPU): builds gpu-bundle/
+    # copy this folder (the checkout, gpu-bundle/ included) to the GPU machine; there, run:
+    python -m reproduction.gpu check              # GPU tests, benchmarks, a one-epoch run
+    python -m reproduction.gpu ablations --seed 0 # the paper's net and four §3/§4.1 ablations, one seed
+    # copy the output folder back; then, in the checkout:
+    python -m reproduction.gpu collect DIR        # the returned runs into results/
+
+Each GPU command writes its numbers to one folder (--out, else $OUT, else runs/gpu-<stage>):
+<stage>-summary.md, the table it also prints last; <stage>.jsonl, one JSON line per measured
+bench row and one per part as it ends (status, seconds, its last lines, its rows, a run's
+final.json); <stage>.log, everything every part printed. ablations adds each run's folder,
+checkpoints left out, as ablation-<experiment>-seed<N>.tar.gz.
 
 Each stage is a list of parts; each part is a subprocess under its own deadline, so one failing
-or hanging part never stops the next. The deadlines sum to the stage's budget (BUDGET), and the
-slow parts (those with a torch.compile) come last; a part that ends early passes its unused
+or hanging part never stops the next. The deadlines sum to the stage's time limit (BUDGET) and
+the slow parts (those with a torch.compile) come last; a part that ends early passes its unused
 seconds on to the parts after it. Before anything runs, the stage prints that arithmetic and
-refuses to start (`error: ...`) if the deadlines exceed the budget or the worst case exceeds
-CALL_SECONDS. Everything every part prints is teed to $OUT/<stage>.log (OUT from the
-environment, as the device machine sets it, or --out); $OUT/<stage>.jsonl gets one JSON line per
-measured bench row as it is measured and one per part as it ends (killed or not: status,
-seconds, its last lines, its rows, a run's final.json); the summary table is printed last and
-written to $OUT/<stage>-summary.md. --dry-run (CPU, seconds) runs the same orchestration with tiny
-stand-ins for the GPU parts and prints the same arithmetic and table (tests/test_gpu_stages.py).
+refuses to start (`error: ...`) if the deadlines exceed the limit or the worst case exceeds
+CALL_SECONDS, so a stage also fits a job queue's 10-minute limit per command. --dry-run (CPU,
+seconds) runs the same orchestration with tiny stand-ins for the GPU parts and prints the same
+arithmetic and table (tests/test_gpu_stages.py).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ from typing import Callable, Sequence
 from reproduction.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CARRY = ROOT / "gpu-carry"  # ignored (.gitignore); the run tool carries it: carry ["gpu-carry"]
+BUNDLE = ROOT / "gpu-bundle"  # what prepare builds and the GPU machine needs beside the checkout
 SHARED = ROOT.parent / "shared" / "data"
 COLLECTED = ROOT / "results" / "runs" / "tiny-imagenet" / "gpu-50"
 CLASSES = 50        # the Tiny-ImageNet subset: 25,000 train / 2,500 val images, ~56 MB packed
 SAMPLES = 12        # imagenet-sample images for the nvJPEG loader tests (tests/test_data.py: batches of 10)
-CARRY_LIMIT_MB = 60  # with the checkout; the run tool carries 64 MiB in all
+BUNDLE_LIMIT_MB = 60  # bundle plus checkout: the copy to the GPU machine stays small
 FAST = ["precision=bf16", "channels_last=True", "fused_lrn=True"]  # the opt-in fast path (eager)
 ABLATIONS = ["paper", "no_lrn", "no_overlap_pool", "one_tower", "no_pca_lighting"]
 # The one reduced recipe of every ablation run: §5's SGD at batch 128 with ε 0.01 for 7 epochs,
@@ -65,8 +68,8 @@ RECIPE = recipe()
 BUDGET = {"prepare": 900.0, "check": 470.0, "ablations": 480.0}  # each stage's wall-time deadline
 GRACE = 30.0  # seconds a part gets after SIGTERM (train.py checkpoints on it) before SIGKILL
 DRAIN = 10.0  # seconds a finished part's output may take to reach the log
-# The run tool's timeout_s for one GPU stage (a command may run 600 s): a stage's worst case,
-# its budget + the last part's GRACE + DRAIN, must end inside it, or the summary is lost.
+# The longest one GPU command may take (job queues often stop a command at 600 s): a stage's
+# worst case, its budget + the last part's GRACE + DRAIN, must end inside it, or the summary is lost.
 CALL_SECONDS = 560.0
 PACKING = 20.0  # seconds ablations keeps free for packing its five runs (outside the deadlines)
 TAIL = 12  # lines of a part's output kept in its JSON record
@@ -88,7 +91,7 @@ class Part:
 
 def arithmetic(stage: str, parts: Sequence[Part], budget: float, *, gpu: bool,
                reserved: float = 0.0) -> list[str]:
-    """The stage's budget arithmetic as printed lines; UserError if the parts' deadlines (plus
+    """The stage's time arithmetic as printed lines; UserError if the parts' deadlines (plus
     `reserved` seconds of work between parts) exceed the budget or, for a GPU stage, the worst
     case (budget + the last part's SIGTERM grace + DRAIN) exceeds CALL_SECONDS."""
     total = sum(p.seconds for p in parts) + reserved
@@ -101,10 +104,10 @@ def arithmetic(stage: str, parts: Sequence[Part], budget: float, *, gpu: bool,
     if gpu:
         worst = budget + GRACE + DRAIN
         lines.append(f"worst case: {budget:.0f} s + {GRACE:.0f} s SIGTERM grace of the last part + {DRAIN:.0f} s "
-                     f"output drain = {worst:.0f} s of the call's {CALL_SECONDS:.0f} s (run tool timeout_s)")
+                     f"output drain = {worst:.0f} s of the {CALL_SECONDS:.0f} s one command may take (CALL_SECONDS)")
         if worst > CALL_SECONDS:
-            raise UserError(f"{stage}: its worst case, {worst:.0f} s, exceeds the call's {CALL_SECONDS:.0f} s "
-                            f"(reproduction/gpu.py, BUDGET[{stage!r}], GRACE, CALL_SECONDS); lower the budget")
+            raise UserError(f"{stage}: its worst case, {worst:.0f} s, exceeds the {CALL_SECONDS:.0f} s one command "
+                            f"may take (reproduction/gpu.py, BUDGET[{stage!r}], GRACE, CALL_SECONDS); lower the budget")
     return lines
 
 
@@ -112,9 +115,9 @@ def run_parts(stage: str, parts: Sequence[Part], out: Path, budget: float, *, dr
               header: Sequence[str] = (), reserved: float = 0.0) -> list[dict]:
     """Run `parts` in order, teeing their output to stdout and out/<stage>.log. A part's limit
     is its deadline plus what the parts before it left unused, while the later parts' deadlines
-    and `reserved` (packing) stay reserved (never more than what is left of `budget`). After each part, one JSON line
-    goes to out/<stage>.jsonl. Prints the summary table last and writes it to
-    out/<stage>-summary.md. Returns one row per part."""
+    and `reserved` (packing) stay reserved (never more than what is left of `budget`). After
+    each part, one JSON line goes to out/<stage>.jsonl. Prints the summary table last and
+    writes it to out/<stage>-summary.md. Returns one row per part."""
     out.mkdir(parents=True, exist_ok=True)
     log_path, start, rows = out / f"{stage}.log", time.monotonic(), []
     jsonl = out / f"{stage}.jsonl"
@@ -130,39 +133,55 @@ def run_parts(stage: str, parts: Sequence[Part], out: Path, budget: float, *, dr
         for i, part in enumerate(parts):
             left = budget - (time.monotonic() - start)
             if left < 5:
-                rows.append({"part": part.name, "status": "skipped (no time left)", "seconds": 0.0, "note": ""})
-                say(f"--- {part.name}: skipped, {left:.0f} s of the stage left\n")
-                _append(jsonl, {"part": part.name, "stage": stage, "status": rows[-1]["status"], "seconds": 0.0,
-                                "deadline": part.seconds, "limit": 0.0, "dry_run": dry_run})
+                rows.append(_skip(part, stage, left, jsonl, dry_run, say))
                 continue
             later = sum(p.seconds for p in parts[i + 1:]) + reserved
             limit = min(left, max(part.seconds, left - later))
-            say(f"--- {part.name} (deadline {limit:.0f} s): {_shown(part.command)}\n")
-            offset = jsonl.stat().st_size if jsonl.exists() else 0
-            status, seconds, tail = _run_one(part, limit, say)
-            note = ""
-            if part.note is not None and status == "ok":
-                note = _safely(part.note)
-            else:  # the last line it printed: an error, or a table's last row
-                note = tail[-1] if tail else ""
-            if part.after is not None:
-                extra = _safely(part.after)
-                note = f"{note}; {extra}" if note and extra else note or extra
-            rows.append({"part": part.name, "status": status, "seconds": round(seconds, 1), "note": note})
-            entry = {"part": part.name, "stage": stage, "status": status, "seconds": round(seconds, 1),
-                     "deadline": part.seconds, "limit": round(limit, 1), "note": note, "command": _shown(part.command),
-                     "tail": tail, "rows": _rows_since(jsonl, offset), "dry_run": dry_run}
-            if part.record is not None:
-                try:
-                    entry.update(part.record())
-                except Exception as e:  # a run killed before its final.json: say so, keep the rest
-                    entry["record_error"] = f"{type(e).__name__}: {e}"
-            _append(jsonl, entry)
-            say(f"--- {part.name}: {status} in {seconds:.1f} s\n")
+            rows.append(_run_part(part, stage, limit, jsonl, dry_run, say))
         table = summary(stage, rows, budget, time.monotonic() - start, dry_run)
         say("\n" + table)
     (out / f"{stage}-summary.md").write_text(table)
     return rows
+
+
+def _skip(part: Part, stage: str, left: float, jsonl: Path, dry_run: bool, say: Callable[[str], None]) -> dict:
+    """The row of a part the stage has no time left for; its JSON line says so too."""
+    status = "skipped (no time left)"
+    say(f"--- {part.name}: skipped, {left:.0f} s of the stage left\n")
+    _append(jsonl, {"part": part.name, "stage": stage, "status": status, "seconds": 0.0,
+                    "deadline": part.seconds, "limit": 0.0, "dry_run": dry_run})
+    return {"part": part.name, "status": status, "seconds": 0.0, "note": ""}
+
+
+def _run_part(part: Part, stage: str, limit: float, jsonl: Path, dry_run: bool,
+              say: Callable[[str], None]) -> dict:
+    """Run one part within `limit` seconds, append its JSON line (with the bench rows it wrote
+    meanwhile and its record) to `jsonl`, and return its row of the summary table."""
+    say(f"--- {part.name} (deadline {limit:.0f} s): {_shown(part.command)}\n")
+    offset = jsonl.stat().st_size if jsonl.exists() else 0
+    status, seconds, tail = _run_one(part, limit, say)
+    note = _note(part, status, tail)
+    entry = {"part": part.name, "stage": stage, "status": status, "seconds": round(seconds, 1),
+             "deadline": part.seconds, "limit": round(limit, 1), "note": note, "command": _shown(part.command),
+             "tail": tail, "rows": _rows_since(jsonl, offset), "dry_run": dry_run}
+    if part.record is not None:
+        try:
+            entry.update(part.record())
+        except Exception as e:  # a run killed before its final.json: say so, keep the rest
+            entry["record_error"] = f"{type(e).__name__}: {e}"
+    _append(jsonl, entry)
+    say(f"--- {part.name}: {status} in {seconds:.1f} s\n")
+    return {"part": part.name, "status": status, "seconds": round(seconds, 1), "note": note}
+
+
+def _note(part: Part, status: str, tail: list[str]) -> str:
+    """The summary's remark: the part's own note if it ended well, else the last line it
+    printed (an error, or a table's last row); then what its `after` returned (packing)."""
+    note = _safely(part.note) if part.note is not None and status == "ok" else (tail[-1] if tail else "")
+    if part.after is not None:
+        extra = _safely(part.after)
+        note = f"{note}; {extra}" if note and extra else note or extra
+    return note
 
 
 def _append(path: Path, entry: dict) -> None:
@@ -287,8 +306,9 @@ def _stand_in(command: list[str], code: str = "") -> list[str]:
 
 # ------------------------------------------------------------------------------- prepare
 
-def prepare_parts(source: Path, carry: Path, classes: int, dry_run: bool, force: bool) -> list[Part]:
-    data = carry / f"tiny-imagenet-{classes}"
+def prepare_parts(source: Path, bundle: Path, classes: int, dry_run: bool, force: bool) -> list[Part]:
+    """Build `bundle`: the packed Tiny-ImageNet subset, a few sample JPEGs, then its size."""
+    data = bundle / f"tiny-imagenet-{classes}"
     prep = _python("-m", "data_prep", "tiny-imagenet", str(source / "tiny-imagenet-200"), "--out", str(data),
                    "--classes", str(classes), *(["--force"] if force else []))
     if dry_run:  # a few images per class: the real data_prep, in seconds
@@ -301,15 +321,15 @@ def prepare_parts(source: Path, carry: Path, classes: int, dry_run: bool, force:
         "dst.mkdir(parents=True, exist_ok=True)\n"
         "[shutil.copy2(f, dst / f.name) for f in files]\n"
         "print(f'{len(files)} images -> {dst}')"),
-        str(source / "imagenet-sample"), str(carry / "imagenet-sample"), str(SAMPLES))
+        str(source / "imagenet-sample"), str(bundle / "imagenet-sample"), str(SAMPLES))
     size = _python("-c", (
         "import subprocess, sys; from pathlib import Path\n"
-        "carry, limit = Path(sys.argv[1]), float(sys.argv[2])\n"
+        "bundle, limit = Path(sys.argv[1]), float(sys.argv[2])\n"
         "mb = lambda paths: sum(p.stat().st_size for p in paths if p.is_file()) / 2**20\n"
         "tracked = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], capture_output=True, text=True).stdout.split()\n"
-        "c, t = mb(carry.rglob('*')), mb(Path(p) for p in tracked)\n"
-        "print(f'carry {c:.1f} MiB + checkout {t:.1f} MiB = {c + t:.1f} MiB (limit {limit:g})')\n"
-        "sys.exit(0 if c + t <= limit else 1)"), str(carry), str(CARRY_LIMIT_MB))
+        "b, t = mb(bundle.rglob('*')), mb(Path(p) for p in tracked)\n"
+        "print(f'bundle {b:.1f} MiB + checkout {t:.1f} MiB = {b + t:.1f} MiB to copy (limit {limit:g})')\n"
+        "sys.exit(0 if b + t <= limit else 1)"), str(bundle), str(BUNDLE_LIMIT_MB))
     if (data / "manifest.json").is_file() and not force:  # data_prep writes its manifest last
         prep = _python("-c", f"print('already prepared: {data} (--force prepares it again)')")
     return [Part("data_prep tiny-imagenet", prep, BUDGET["prepare"] - 60),
@@ -325,7 +345,8 @@ GPU_TEST_FILES = ["tests/test_lrn_triton.py", "tests/test_model.py", "tests/test
 COMPILE_TEST = "tests/test_gpu.py::test_compiled_fast_step_runs_full_and_partial_batches"
 
 
-def check_parts(data: Path, carry: Path, work: Path, out: Path, dry_run: bool) -> list[Part]:
+def check_parts(data: Path, bundle: Path, work: Path, out: Path, dry_run: bool) -> list[Part]:
+    """The check stage: versions, the gpu-marked tests, a one-epoch run, benchmarks, the compile test."""
     versions = _python("-c", (
         "import sys, torch, torchvision\n"
         "try:\n    import triton; tv = triton.__version__\nexcept ImportError:\n    tv = 'not installed'\n"
@@ -334,7 +355,7 @@ def check_parts(data: Path, carry: Path, work: Path, out: Path, dry_run: bool) -
         "for i in range(torch.cuda.device_count()):\n"
         "    p = torch.cuda.get_device_properties(i)\n"
         "    print(f'cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, bf16 {torch.cuda.is_bf16_supported()}')\n"))
-    test_env = {"REPRODUCTION_TEST_DATA": str(carry), "REPRODUCTION_GPU_TESTS": "require"}
+    test_env = {"REPRODUCTION_TEST_DATA": str(bundle), "REPRODUCTION_GPU_TESTS": "require"}
     # -v: each test's result is printed as it ends, so a part stopped at its deadline still says
     # which tests passed
     pytest = ["-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider"]
@@ -378,7 +399,7 @@ def _fake_row_code(jsonl: str, bench: str) -> str:
 
 
 def _run_record(run: Path) -> dict:
-    """A run folder's small files for its JSON line (the folder itself goes with the machine)."""
+    """A run folder's small files for its JSON line (the folder itself is not kept)."""
     read = lambda name: json.loads((run / name).read_text()) if (run / name).is_file() else None
     metrics = run / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
@@ -428,8 +449,8 @@ def ablation_parts(data: Path, work: Path, out: Path, seed: int, experiments: Se
 
 
 def pack(run: Path, out: Path, experiment: str, seed: int) -> str:
-    """The run folder (without its checkpoints: weights do not come back) as one tar.gz in out,
-    so a stage returns few files however many each run writes."""
+    """The run folder as one tar.gz in out, without its checkpoints (large, and not needed for
+    the report), so the output folder holds few files however many each run writes."""
     if not run.is_dir():
         return "no run folder to pack"
     path = out / f"ablation-{experiment}-seed{seed}.tar.gz"
@@ -443,7 +464,7 @@ def pack(run: Path, out: Path, experiment: str, seed: int) -> str:
 # ------------------------------------------------------------------------------- collect
 
 def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[str]:
-    """Unpack the ablation-*.tar.gz that a stage returned into `into`/<experiment>/seed<N>/
+    """Unpack the ablation-*.tar.gz of a stage's output folder into `into`/<experiment>/seed<N>/
     (where `python -m reproduction.report` finds their final.json), and copy the stages'
     summaries, logs and JSON lines to results/gpu/ (dated). Returns what was done."""
     archives = sorted(folder.rglob("ablation-*.tar.gz"))
@@ -451,8 +472,8 @@ def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[
     summaries += [f for f in sorted([*folder.rglob("*.log"), *folder.rglob("*.jsonl")])
                   if (f.parent / f"{f.stem}-summary.md").exists()]  # a stage's log and JSON lines
     if not archives and not summaries:
-        raise UserError(f"{folder} holds no ablation-*.tar.gz or *-summary.md; give the folder a "
-                        "`python -m reproduction.gpu` stage wrote ($OUT, the run tool's files_at)")
+        raise UserError(f"{folder} holds no ablation-*.tar.gz or *-summary.md; give the output folder of a "
+                        "`python -m reproduction.gpu` stage (its --out or $OUT), copied back from the GPU machine")
     done = []
     for path in archives:
         with tarfile.open(path) as tar:
@@ -489,13 +510,15 @@ def collect(folder: Path, into: Path, force: bool, allow_dry_run: bool) -> list[
 
 # ---------------------------------------------------------------------------------- main
 
-def find_data(carry: Path, given: Path | None) -> Path:
+def find_data(bundle: Path, given: Path | None) -> Path:
+    """--data, else the largest prepared tiny-imagenet-<classes> set in the bundle."""
     if given is not None:
         return given
-    found = sorted(p.parent for p in carry.glob("tiny-imagenet-*/manifest.json"))
+    found = sorted(p.parent for p in bundle.glob("tiny-imagenet-*/manifest.json"))
     if not found:
-        raise UserError(f"no prepared set in {carry} (tiny-imagenet-*/manifest.json); run "
-                        "`python -m reproduction.gpu prepare` on a CPU machine first and carry gpu-carry")
+        raise UserError(f"no prepared set in {bundle} (tiny-imagenet-*/manifest.json); run "
+                        f"`python -m reproduction.gpu prepare` where the data is, then copy {BUNDLE.name}/ "
+                        "with the checkout to this machine (or give --bundle)")
     return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name.rsplit("-", 1)[1].isdigit() else 0)
 
 
@@ -504,94 +527,121 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reproduction.gpu", description=__doc__.split("\n\n")[0],
+    args = _parser().parse_args(argv)
+    if args.stage == "collect":
+        return _collect(args)
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / f"gpu-{args.stage}")
+    if args.stage == "prepare":
+        return _prepare(args, out)
+    return _gpu_stage(args, out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    usage = "\n\n".join(__doc__.split("\n\n")[:3])  # the commands and what they write
+    parser = argparse.ArgumentParser(prog="python -m reproduction.gpu", description=usage,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Stages: prepare (CPU), check, ablations, collect (CPU). "
-                                            "See results/gpu/README.md.")
+                                     epilog="Stages: prepare (CPU), check and ablations (GPU), collect (CPU). "
+                                            "How to run them: docs/gpu.md; what has run: results/gpu/README.md.")
     sub = parser.add_subparsers(dest="stage", required=True)
-
-    def common(p, carry=True):
-        p.add_argument("--out", type=Path, default=None,
-                       help="where logs, summary and packed runs go (default: $OUT, else runs/gpu-<stage>)")
-        p.add_argument("--dry-run", action="store_true",
-                       help="the same orchestration on the CPU in seconds, GPU parts as stand-ins")
-        if carry:
-            p.add_argument("--carry", type=Path, default=CARRY, help=f"the carried folder (default {CARRY.name}/)")
-            p.add_argument("--data", type=Path, default=None,
-                           help="the packed set (default: the largest tiny-imagenet-* in --carry)")
-
-    p = sub.add_parser("prepare", help="CPU: build the carry folder (Tiny-ImageNet subset, sample images)")
-    common(p, carry=False)
+    p = sub.add_parser("prepare", help=f"CPU, where the data is: build {BUNDLE.name}/ (Tiny-ImageNet subset, "
+                                       "sample images) to copy to the GPU machine with the checkout")
+    _common(p, bundle=False)
     p.add_argument("--source", type=Path, default=SHARED, help=f"the shared data folder (default {SHARED})")
-    p.add_argument("--carry", type=Path, default=CARRY, help=f"the folder to build (default {CARRY.name}/)")
+    _bundle_option(p, f"the folder to build (default {BUNDLE.name}/)")
     p.add_argument("--classes", type=int, default=None,
                    help=f"Tiny-ImageNet classes (default {CLASSES}; 2 with --dry-run)")
     p.add_argument("--force", action="store_true", help="prepare the set again even if it is there")
     p = sub.add_parser("check", help="GPU, first: versions, gpu tests, a short run, benchmarks, the compile test")
-    common(p)
+    _common(p)
     p = sub.add_parser("ablations", help="GPU: paper and four ablations on the subset, one seed")
-    common(p)
-    p.add_argument("--seed", type=int, default=0, help="the seed of every run of this call (default 0)")
+    _common(p)
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run of this command (default 0)")
     p.add_argument("--experiments", nargs="+", default=ABLATIONS, help=f"default: {' '.join(ABLATIONS)}")
     p.add_argument("--epochs", type=int, default=EPOCHS,
                    help=f"epochs per run (default {EPOCHS}: ~86 s per run fits ~6 s per epoch; see check's epoch), ε ÷ 10 after 70%%; the same for every seed, or report cannot combine them")
     p = sub.add_parser("collect", help="CPU, after: returned runs into results/runs/tiny-imagenet/gpu-50/")
-    p.add_argument("folder", type=Path, help="the folder a stage's $OUT came back to")
+    p.add_argument("folder", type=Path, help="a stage's output folder, copied back from the GPU machine")
     p.add_argument("--into", type=Path, default=COLLECTED, help=f"default {COLLECTED.relative_to(ROOT)}")
     p.add_argument("--force", action="store_true", help="replace run folders that are already there")
     p.add_argument("--allow-dry-run", action="store_true", help="unpack a dry run's archives (tests)")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.stage == "collect":
-        if not args.folder.is_dir():
-            raise UserError(f"{args.folder} is not a folder; give the folder a stage's $OUT came back to")
-        for line in collect(args.folder, args.into, args.force, args.allow_dry_run):
-            print(line)
-        print("next: python -m reproduction.report")
-        return 0
-    out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / f"gpu-{args.stage}")
-    dry = args.dry_run
-    if args.stage == "prepare":
-        classes = args.classes or (2 if dry else CLASSES)
-        if not (args.source / "tiny-imagenet-200").exists() or not (args.source / "imagenet-sample").is_dir():
-            raise UserError(f"{args.source} lacks tiny-imagenet-200 or imagenet-sample; give --source, the "
-                            "shared data folder (prepare runs on the CPU machine, before the GPU call)")
-        parts = prepare_parts(args.source, args.carry, classes, dry, args.force)
-        rows = run_parts("prepare", parts, out, BUDGET["prepare"], dry_run=dry,
-                         header=arithmetic("prepare", parts, BUDGET["prepare"], gpu=False) +
-                         [f"carry: {args.carry}; then: run tool, carry [\"gpu-carry\"], "
-                          "command `python3 -m reproduction.gpu check`"])
-        return 0 if all(r["status"] == "ok" for r in rows) else 1
-    data = find_data(args.carry, args.data)
-    if not dry:
+
+def _common(p: argparse.ArgumentParser, bundle: bool = True) -> None:
+    p.add_argument("--out", type=Path, default=None,
+                   help="the folder for the summary, JSON lines, log and packed runs "
+                        "(default: $OUT if set, else runs/gpu-<stage>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the same orchestration on the CPU in seconds, GPU parts as stand-ins")
+    if bundle:
+        _bundle_option(p, f"the folder prepare built (default {BUNDLE.name}/)")
+        p.add_argument("--data", type=Path, default=None,
+                       help="the packed set (default: the largest tiny-imagenet-* in --bundle)")
+
+
+def _bundle_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--bundle", type=Path, default=BUNDLE, help=text)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    if not args.folder.is_dir():
+        raise UserError(f"{args.folder} is not a folder; give a stage's output folder, copied back from the "
+                        "GPU machine")
+    for line in collect(args.folder, args.into, args.force, args.allow_dry_run):
+        print(line)
+    print("next: python -m reproduction.report")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, out: Path) -> int:
+    classes = args.classes or (2 if args.dry_run else CLASSES)
+    if not (args.source / "tiny-imagenet-200").exists() or not (args.source / "imagenet-sample").is_dir():
+        raise UserError(f"{args.source} lacks tiny-imagenet-200 or imagenet-sample; give --source, the "
+                        "shared data folder (prepare runs on a CPU machine that has the data)")
+    parts = prepare_parts(args.source, args.bundle, classes, args.dry_run, args.force)
+    header = arithmetic("prepare", parts, BUDGET["prepare"], gpu=False) + [
+        f"bundle: {args.bundle}; next: copy the checkout with {args.bundle.name}/ to the GPU machine and run "
+        "`python -m reproduction.gpu check` there"]
+    rows = run_parts("prepare", parts, out, BUDGET["prepare"], dry_run=args.dry_run, header=header)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _gpu_stage(args: argparse.Namespace, out: Path) -> int:
+    """check or ablations: refused before anything runs if the plan cannot fit its time limit
+    (a dry run in CI checks this too); run folders live in a temporary folder, never in `out`."""
+    data = find_data(args.bundle, args.data)
+    if not args.dry_run:
         import torch
         if not torch.cuda.is_available():
             raise UserError(f"{args.stage}: no CUDA device is visible; run it on a GPU machine, or give "
                             "--dry-run to rehearse it on the CPU")
-    work = Path(tempfile.mkdtemp(prefix=f"gpu-{args.stage}-"))  # run folders with their checkpoints: never in $OUT
-    header = [f"data: {data}; carry: {args.carry}; work: {work}; out: {out}"]
-    reserved = 0.0
-    if args.stage == "check":
-        parts = check_parts(data, args.carry, work, out, dry)
-    else:
-        unknown = sorted(set(args.experiments) - _experiment_names())
-        if unknown:
-            raise UserError(f"--experiments: {', '.join(unknown)} unknown; see reproduction/experiments.py")
-        reserved = PACKING
-        per_run = (BUDGET["ablations"] - 30 - PACKING) / len(args.experiments)  # 30: the fig3 part
-        if args.epochs < 1:
-            raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-        header.append(f"recipe: --set seed={args.seed} {' '.join(recipe(args.epochs))}; {per_run:.0f} s per run "
-                      "(a run past it is stopped by SIGTERM, checkpointed and packed as far as it got)")
-        parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, dry, args.epochs)
+    if args.stage == "ablations":
+        _check_ablations(args)
+    work = Path(tempfile.mkdtemp(prefix=f"gpu-{args.stage}-"))
+    header = [f"data: {data}; bundle: {args.bundle}; work: {work}; out: {out}"]
+    reserved = PACKING if args.stage == "ablations" else 0.0
     try:
-        # refused before anything runs if the plan cannot fit (a dry run in CI checks this too)
+        if args.stage == "check":
+            parts = check_parts(data, args.bundle, work, out, args.dry_run)
+        else:
+            per_run = (BUDGET["ablations"] - 30 - PACKING) / len(args.experiments)  # 30: the fig3 part
+            header.append(f"recipe: --set seed={args.seed} {' '.join(recipe(args.epochs))}; {per_run:.0f} s per "
+                          "run (a run past it is stopped by SIGTERM, checkpointed and packed as far as it got)")
+            parts = ablation_parts(data, work, out, args.seed, args.experiments, per_run, args.dry_run, args.epochs)
         header = arithmetic(args.stage, parts, BUDGET[args.stage], gpu=True, reserved=reserved) + header
-        rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=dry, header=header,
+        rows = run_parts(args.stage, parts, out, BUDGET[args.stage], dry_run=args.dry_run, header=header,
                          reserved=reserved)
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # the packed runs are in $OUT; checkpoints go with the machine
+        shutil.rmtree(work, ignore_errors=True)  # the packed runs are in `out`; checkpoints are not kept
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _check_ablations(args: argparse.Namespace) -> None:
+    unknown = sorted(set(args.experiments) - _experiment_names())
+    if unknown:
+        raise UserError(f"--experiments: {', '.join(unknown)} unknown; see reproduction/experiments.py")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
 
 
 def _experiment_names() -> set[str]:

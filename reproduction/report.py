@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from reproduction.config import RunConfig, from_dict
-from reproduction.errors import run_cli
+from reproduction.errors import run_cli, writable_file
 from reproduction.experiments import EXPERIMENTS
 from reproduction.stats import epochs_to, mean_sd, sd_from_json, tower_gap, towers_specialise
 
@@ -285,78 +285,101 @@ def cifar_sections(results: Path) -> list[str]:
     lines = []
     fig1 = results / "cifar10" / "relu-tanh" / "summary.json"
     if fig1.exists():
-        s = json.loads(fig1.read_text())
-        base = fig1.parent.relative_to(results).as_posix()
-        n = len(next(iter(s["activations"].values()))["runs"])
-        lines += ["", "## §3.1, Fig. 1 on CIFAR-10: epochs to 25% training error, ReLU vs tanh", "",
-                  "Paper: a four-layer CNN with ReLUs reaches 25% training error on CIFAR-10 about six "
-                  "times faster than the same net with tanh, each at its own best learning rate, without "
-                  "regularisation. Ours: Krizhevsky's layers-18pct net (conv 32-32-64 + fc 10, "
-                  "`reproduction/cifar.py`), no weight decay, no augmentation, all 50,000 training images, "
-                  f"ε per activation from the sweep below, {n} seeds; training error over each fifth of an "
-                  "epoch, the crossing interpolated.", "",
-                  "| activation | ε | epochs to 25% (per seed) | mean ± sd | runs |", "|---|---:|---|---:|---|"]
-        for name, a in s["activations"].items():
-            reached = [r["epochs_to_25"] for r in a["runs"].values()]
-            shown = ", ".join(f"{v:.2f}" if v is not None else f"> {r['epochs_run']}"
-                              for v, r in zip(reached, a["runs"].values()))
-            ok = [v for v in reached if v is not None]
-            stat = _pm(ok) if len(ok) == len(reached) else "not all reached"
-            runs = ", ".join(f"[seed {k}]({base}/{r['folder']})" for k, r in a["runs"].items())
-            lines.append(f"| {name} | {a['lr']:g} | {shown} | {stat} | {runs} |")
-        r = s.get("ratio", {})
-        if "mean" in r:
-            bound = "≥ " if r["lower_bound"] else ""
-            lines += ["", f"**tanh / ReLU: {bound}{fmt(r['mean'], sd_from_json(r['sd']) if len(r['per_seed']) > 1 else float('nan'))}× "
-                      f"(per seed: {', '.join(f'{v:.1f}' for v in r['per_seed'])}; paper: ~6×).** "
-                      + _verdict_ratio(r)]
-        elif "note" in r:
-            lines += ["", f"**No ratio: {r['note']}.**"]
-        lines += _threshold_table(s)
-        lines += ["", "Learning-rate sweep (seed 0, each ε for the sweep's epochs; the fastest to 25% wins, "
-                  "else the lowest training error):", "",
-                  "| activation | ε | epochs to 25% | training error at the end | diverged |", "|---|---:|---:|---:|---|"]
-        for name, a in s["activations"].items():
-            for w in a["sweep"]:
-                reached = "—" if w["epochs_to_25"] is None else f"{w['epochs_to_25']:.2f}"
-                lines.append(f"| {name} | {w['lr']:g} | {reached} | {100 * w['train_error']:.1f}% | "
-                             f"{'yes' if w['diverged'] else 'no'} |")
-        lines += ["", f"![Fig. 1, ours]({base}/fig1.png)", "", f"Made by: `{s['command']}` (CPU; the "
-                  "run folders' config.json hold the device, versions and git SHA)."]
+        lines += fig1_section(json.loads(fig1.read_text()), fig1.parent.relative_to(results).as_posix())
     lrn = results / "cifar10" / "lrn" / "summary.json"
     if lrn.exists():
-        s = json.loads(lrn.read_text())
-        base = lrn.parent.relative_to(results).as_posix()
-        lines += ["", "## §3.3 on CIFAR-10: test error with and without response normalisation", "",
-                  "Paper: a four-layer CNN, 13% test error without normalisation, 11% with. Ours: "
-                  "Krizhevsky's layers-conv-local-13pct / -11pct nets (conv 64-64, local 32-32, fc 10; "
-                  "cross-map normalisation n=5, α=0.001, β=0.75, k=1), random 24×24 crops and flips, "
-                  "centre crop at test, all 50,000 training images, the 10,000 test images.", "",
-                  "| variant | seeds | epochs | test error % (mean ± sd) | per seed | paper | runs |",
-                  "|---|---:|---:|---:|---|---:|---|"]
-        paper = {"no_norm": "13", "norm": "11"}
-        for name, v in s["variants"].items():
-            errs = [100 * r["test_error"] for r in v["runs"].values()]
-            runs = ", ".join(f"[seed {k}]({base}/{r['folder']})" for k, r in v["runs"].items())
-            lines.append(f"| {name} | {len(errs)} | {v['epochs']} | {_pm(errs)} | "
-                         f"{', '.join(f'{e:.2f}' for e in errs)} | {paper.get(name, '—')} | {runs} |")
-        d = s.get("difference")
-        if d:
-            m, sd = 100 * d["mean"], 100 * sd_from_json(d["sd"])
-            if sd != sd:  # one seed: no spread to weigh the difference against
-                verdict = "One seed only: no seed-to-seed spread to weigh it against."
-            elif abs(m) <= 2 * sd:
-                verdict = "Within twice its seed-to-seed sd: at this scale the effect is not clearly apart from seed noise."
-            elif m > 0:
-                verdict = ("Beyond twice its seed-to-seed sd: normalisation lowers the error, as the paper says "
-                           f"({'more' if m > 2 else 'less'} than its 2 points).")
-            else:
-                verdict = "Beyond twice its seed-to-seed sd, and the other way: normalisation raised the error here."
-            wins = sum(v > 0 for v in d["per_seed"])
-            lines += ["", f"**{d['of']}: {m:+.2f}{'' if sd != sd else f' ± {sd:.2f}'} points** (paired by seed; paper: +2; normalisation "
-                      f"had the lower error in {wins} of {len(d['per_seed'])} seeds). {verdict}"]
-        lines += ["", f"Made by: `{s['command']}` (CPU)."]
+        lines += lrn_section(json.loads(lrn.read_text()), lrn.parent.relative_to(results).as_posix())
     return lines
+
+
+def fig1_section(s: dict, base: str) -> list[str]:
+    """§3.1, Fig. 1: epochs to 25% training error with ReLU and tanh, their ratio and the sweep."""
+    n = len(next(iter(s["activations"].values()))["runs"])
+    lines = ["", "## §3.1, Fig. 1 on CIFAR-10: epochs to 25% training error, ReLU vs tanh", "",
+             "Paper: a four-layer CNN with ReLUs reaches 25% training error on CIFAR-10 about six "
+             "times faster than the same net with tanh, each at its own best learning rate, without "
+             "regularisation. Ours: Krizhevsky's layers-18pct net (conv 32-32-64 + fc 10, "
+             "`reproduction/cifar.py`), no weight decay, no augmentation, all 50,000 training images, "
+             f"ε per activation from the sweep below, {n} seeds; training error over each fifth of an "
+             "epoch, the crossing interpolated.", "",
+             "| activation | ε | epochs to 25% (per seed) | mean ± sd | runs |", "|---|---:|---|---:|---|"]
+    for name, a in s["activations"].items():
+        reached = [r["epochs_to_25"] for r in a["runs"].values()]
+        shown = ", ".join(f"{v:.2f}" if v is not None else f"> {r['epochs_run']}"
+                          for v, r in zip(reached, a["runs"].values()))
+        ok = [v for v in reached if v is not None]
+        stat = _pm(ok) if len(ok) == len(reached) else "not all reached"
+        runs = ", ".join(f"[seed {k}]({base}/{r['folder']})" for k, r in a["runs"].items())
+        lines.append(f"| {name} | {a['lr']:g} | {shown} | {stat} | {runs} |")
+    lines += _ratio_line(s.get("ratio", {}))
+    lines += _threshold_table(s)
+    lines += _sweep_table(s)
+    lines += ["", f"![Fig. 1, ours]({base}/fig1.png)", "", f"Made by: `{s['command']}` (CPU; the "
+              "run folders' config.json hold the device, versions and git SHA)."]
+    return lines
+
+
+def _ratio_line(r: dict) -> list[str]:
+    """tanh's epochs to 25% over ReLU's, per seed and mean ± sd, or why there is none."""
+    if "mean" in r:
+        bound = "≥ " if r["lower_bound"] else ""
+        return ["", f"**tanh / ReLU: {bound}{fmt(r['mean'], sd_from_json(r['sd']) if len(r['per_seed']) > 1 else float('nan'))}× "
+                f"(per seed: {', '.join(f'{v:.1f}' for v in r['per_seed'])}; paper: ~6×).** "
+                + _verdict_ratio(r)]
+    if "note" in r:
+        return ["", f"**No ratio: {r['note']}.**"]
+    return []
+
+
+def _sweep_table(s: dict) -> list[str]:
+    """The learning-rate sweep that chose each activation's ε."""
+    lines = ["", "Learning-rate sweep (seed 0, each ε for the sweep's epochs; the fastest to 25% wins, "
+             "else the lowest training error):", "",
+             "| activation | ε | epochs to 25% | training error at the end | diverged |", "|---|---:|---:|---:|---|"]
+    for name, a in s["activations"].items():
+        for w in a["sweep"]:
+            reached = "—" if w["epochs_to_25"] is None else f"{w['epochs_to_25']:.2f}"
+            lines.append(f"| {name} | {w['lr']:g} | {reached} | {100 * w['train_error']:.1f}% | "
+                         f"{'yes' if w['diverged'] else 'no'} |")
+    return lines
+
+
+def lrn_section(s: dict, base: str) -> list[str]:
+    """§3.3: test error with and without response normalisation, and their paired difference."""
+    lines = ["", "## §3.3 on CIFAR-10: test error with and without response normalisation", "",
+             "Paper: a four-layer CNN, 13% test error without normalisation, 11% with. Ours: "
+             "Krizhevsky's layers-conv-local-13pct / -11pct nets (conv 64-64, local 32-32, fc 10; "
+             "cross-map normalisation n=5, α=0.001, β=0.75, k=1), random 24×24 crops and flips, "
+             "centre crop at test, all 50,000 training images, the 10,000 test images.", "",
+             "| variant | seeds | epochs | test error % (mean ± sd) | per seed | paper | runs |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    paper = {"no_norm": "13", "norm": "11"}
+    for name, v in s["variants"].items():
+        errs = [100 * r["test_error"] for r in v["runs"].values()]
+        runs = ", ".join(f"[seed {k}]({base}/{r['folder']})" for k, r in v["runs"].items())
+        lines.append(f"| {name} | {len(errs)} | {v['epochs']} | {_pm(errs)} | "
+                     f"{', '.join(f'{e:.2f}' for e in errs)} | {paper.get(name, '—')} | {runs} |")
+    d = s.get("difference")
+    if d:
+        lines += _lrn_difference(d)
+    return lines + ["", f"Made by: `{s['command']}` (CPU)."]
+
+
+def _lrn_difference(d: dict) -> list[str]:
+    """The paired difference (without − with normalisation) weighed against the seed spread."""
+    m, sd = 100 * d["mean"], 100 * sd_from_json(d["sd"])
+    if sd != sd:  # one seed: no spread to weigh the difference against
+        verdict = "One seed only: no seed-to-seed spread to weigh it against."
+    elif abs(m) <= 2 * sd:
+        verdict = "Within twice its seed-to-seed sd: at this scale the effect is not clearly apart from seed noise."
+    elif m > 0:
+        verdict = ("Beyond twice its seed-to-seed sd: normalisation lowers the error, as the paper says "
+                   f"({'more' if m > 2 else 'less'} than its 2 points).")
+    else:
+        verdict = "Beyond twice its seed-to-seed sd, and the other way: normalisation raised the error here."
+    wins = sum(v > 0 for v in d["per_seed"])
+    return ["", f"**{d['of']}: {m:+.2f}{'' if sd != sd else f' ± {sd:.2f}'} points** (paired by seed; paper: +2; normalisation "
+            f"had the lower error in {wins} of {len(d['per_seed'])} seeds). {verdict}"]
 
 
 def _threshold_table(s: dict) -> list[str]:
@@ -807,6 +830,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         parser.error(f"{args.results} is not a folder")
+    writable_file(args.results / "README.md", "--results")  # before the work, not at its last write
     print(f"wrote {write_report(args.results)}")
     return 0
 

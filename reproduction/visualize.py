@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from reproduction.config import DataConfig
+from reproduction.config import DataConfig, RunConfig
 from reproduction.data import (
     SIDE,
     PackedSet,
@@ -42,10 +42,11 @@ from reproduction.data import (
     view_batch,
 )
 from reproduction.distributed import parse_devices
-from reproduction.errors import UserError, run_cli
+from reproduction.errors import UserError, run_cli, writable_file
 from reproduction.precision import autocast
 from reproduction.checkpoints import CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import write_json
+from reproduction.evaluate import refuse_run_file
 from reproduction.runfolder import open_data
 COLUMNS = 16  # Fig. 3 draws each GPU's 48 kernels as 3 rows of 16
 
@@ -276,12 +277,32 @@ def run_neighbours(args: argparse.Namespace) -> int:
     device, precision = devices[0], config.train.precision
     with autocast(device, precision):
         q = fc7_features(model, centre_views(queries_set, chosen, stats, config.data).to(device))
+    start = time.time()
+    distances, indices, seen = bank_nearest(model, q, bank_set, stats, config, device, args)
+    thumbs = torch.stack([torch.cat([thumbnails(queries_set, [qi], config.data.crop, args.thumb),
+                                     thumbnails(bank_set, row, config.data.crop, args.thumb)])
+                          for qi, row in zip(chosen, indices.tolist())])
+    image = neighbour_grid(thumbs)
+    _save_png(image, args.out)
+    write_json(args.out.with_suffix(".json"), {
+        "checkpoint": str(args.checkpoint), "epochs_trained": state.get("epoch"), "data": str(args.data),
+        "split": args.split, "bank_split": args.bank_split, "k": args.k,
+        "features": "fc7 after its ReLU, 4096-d, centre patch, eval mode; Euclidean distance",
+        "bank_images": seen, "seconds": round(time.time() - start, 1), "image": str(args.out),
+        "image_size_hw": list(image.shape[:2]),
+        "queries": neighbour_rows(queries_set, bank_set, chosen, distances, indices, args)})
+    print(f"wrote {args.out} ({image.shape[1]}×{image.shape[0]}) and {args.out.with_suffix('.json')}")
+    return 0
 
-    # Stream the bank: keep only each query's k nearest so far, never the M×4096 features.
+
+def bank_nearest(model: nn.Module, q: Tensor, bank_set: PackedSet, stats: Stats, config: RunConfig,
+                 device: torch.device, args: argparse.Namespace) -> tuple[Tensor, Tensor, int]:
+    """(distances, indices) on the CPU of each query's --k nearest in the bank split, and the
+    images read. Streamed: only each query's k nearest so far are kept, never the M×4096 features."""
     best, seen, start = None, 0, time.time()
     last = start
     for x, _ in eval_batches(bank_set, stats, config.data, batch_size=args.batch_size, device=device):
-        with autocast(device, precision):
+        with autocast(device, config.train.precision):
             f = fc7_features(model, x)
         best = merge_nearest(best, q, f, seen, args.k)
         seen += len(f)
@@ -292,13 +313,12 @@ def run_neighbours(args: argparse.Namespace) -> int:
                   f"{(len(bank_set) - seen) / rate:,.0f} s left", flush=True)
             last = now
     distances, indices = (t.cpu() for t in best)
+    return distances, indices, seen
 
-    thumbs = torch.stack([torch.cat([thumbnails(queries_set, [qi], config.data.crop, args.thumb),
-                                     thumbnails(bank_set, row, config.data.crop, args.thumb)])
-                          for qi, row in zip(chosen, indices.tolist())])
-    image = neighbour_grid(thumbs)
-    _save_png(image, args.out)
 
+def neighbour_rows(queries_set: PackedSet, bank_set: PackedSet, chosen: Sequence[int], distances: Tensor,
+                   indices: Tensor, args: argparse.Namespace) -> list[dict]:
+    """One record per query (its neighbours, their labels and distances), each also printed."""
     names = [c["name"] for c in queries_set.classes]
     rows = []
     for qi, d, row in zip(chosen, distances.tolist(), indices.tolist()):
@@ -309,14 +329,7 @@ def run_neighbours(args: argparse.Namespace) -> int:
               + ", ".join(f"{args.bank_split}[{i}] {names[lab]} ({dist:.3g})" for i, lab, dist in zip(row, labels, d)))
         rows.append({"query": qi, "label": label, "neighbours": row, "labels": labels,
                      "distances": [round(x, 6) for x in d], "same_class": same})
-    write_json(args.out.with_suffix(".json"), {
-        "checkpoint": str(args.checkpoint), "epochs_trained": state.get("epoch"), "data": str(args.data),
-        "split": args.split, "bank_split": args.bank_split, "k": args.k,
-        "features": "fc7 after its ReLU, 4096-d, centre patch, eval mode; Euclidean distance",
-        "bank_images": seen, "seconds": round(time.time() - start, 1), "image": str(args.out),
-        "image_size_hw": list(image.shape[:2]), "queries": rows})
-    print(f"wrote {args.out} ({image.shape[1]}×{image.shape[0]}) and {args.out.with_suffix('.json')}")
-    return 0
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,6 +337,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("scale", "thumb", "batch_size", "k", "queries"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_outputs(args)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(str(e)) from None
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: --out and the FILE.json derived from it must be writable, neither an
+    input nor a file of a run folder that another command wrote (filters may replace the run's
+    own Fig. 3 picture and record, which it makes)."""
+    inputs = [args.checkpoint] + ([args.data] if args.command == "neighbours" else [])
+    record = args.out.with_suffix(".json")
+    for option, path in (("--out", args.out), (f"--out {args.out} writes", record)):
+        writable_file(path, option, inputs=inputs)
+        refuse_run_file(path, option, args.command)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reproduction.visualize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{filters,neighbours}")
@@ -362,15 +399,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                    help="cpu, cuda, or 'cuda:0,cuda:1' for the towers (default: the GPU(s) if any)")
     p.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines (default 10)")
     p.set_defaults(run=run_neighbours)
-
-    args = parser.parse_args(argv)
-    for name in ("scale", "thumb", "batch_size", "k", "queries"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        return args.run(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(str(e)) from None
+    return parser
 
 
 if __name__ == "__main__":

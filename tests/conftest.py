@@ -2,7 +2,7 @@
 
 gpu-marked tests are skipped (reason printed) where no CUDA device is visible. Where one is
 visible a gpu test that skips anyway (missing data, missing triton) is reported as FAILED: a
-lent GPU run must never end green with its GPU tests unrun. REPRODUCTION_GPU_TESTS=require
+run on a GPU machine must never end green with its GPU tests unrun. REPRODUCTION_GPU_TESTS=require
 applies that rule without a GPU (for the rule's own test)."""
 
 import os
@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # this path in their reason when it is absent.
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # What `python -m reproduction.gpu prepare` builds for a GPU machine, where ../shared is absent.
-CARRY = ROOT / "gpu-carry"
+BUNDLE = ROOT / "gpu-bundle"
 
 
 def data_dirs() -> list[Path]:
     """Where tests look for a data folder, first hit wins: $REPRODUCTION_TEST_DATA, the
-    checkout's gpu-carry/, ../shared/data."""
+    checkout's gpu-bundle/, ../shared/data."""
     env = os.environ.get("REPRODUCTION_TEST_DATA")
-    return ([Path(env)] if env else []) + [CARRY, SHARED_DATA]
+    return ([Path(env)] if env else []) + [BUNDLE, SHARED_DATA]
 
 
 def find_data(name: str) -> Path | None:

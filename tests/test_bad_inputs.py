@@ -819,3 +819,112 @@ def test_train_refuses_bad_values_before_anything_is_written(args, needle, world
     except SystemExit as stop:
         code = stop.code
     assert code == 2 and needle in capsys.readouterr().err and not out.exists()
+
+
+# ------------------------------------------------------------------ outputs never replace what they should not --
+
+def output_cases():
+    """Each file a command would write is refused, before any work, when it is a file of a run
+    folder that another command wrote (the training run's, the Fig. 3 record, an evaluation) or
+    one of the command's inputs."""
+    ck = checkpoints.CHECKPOINT
+
+    def visualize(command, name, needle):
+        def build(w, t):
+            run = copy_run(w, t / "run")
+            data = ["--data", str(w["data"])] if command == "neighbours" else []
+            return Case([command, "--checkpoint", str(run / ck), *data, "--out", str(run / name)], needle, [run])
+        return build
+
+    def evaluate(*extra, needle):
+        def build(w, t):
+            run = copy_run(w, t / "run")
+            argv = [a.replace("RUN", str(run)) for a in extra]
+            return Case(["--checkpoint", str(run / ck), "--data", str(w["data"]), "--device", "cpu", *argv],
+                        needle, [run])
+        return build
+
+    def onto_the_checkpoint(w, t):
+        (t / "weights").mkdir()  # not a run folder: only being the input stops it
+        os.link(w["run"] / ck, t / "weights" / "model.pt")
+        model = str(t / "weights" / "model.pt")
+        return Case(["--checkpoint", model, "--data", str(w["data"]), "--output", model], "would overwrite the input",
+                    [t / "weights"])
+
+    def into_the_data(w, t):
+        data = prepared_copy(w, t / "data")
+        return Case(["--checkpoint", str(w["run"] / ck), "--data", str(data), "--output", str(data / "manifest.json")],
+                    "would overwrite the input", [data])
+
+    return [
+        ("visualize", "filters --out RUN/final.png (final.json)", visualize("filters", "final.png", "final.json")),
+        ("visualize", "filters --out RUN/config.png (config.json)", visualize("filters", "config.png", "config.json")),
+        ("visualize", "filters --out its own checkpoint", visualize("filters", ck, ck)),
+        ("visualize", "neighbours --out RUN/fig3-conv1.png", visualize("neighbours", "fig3-conv1.png", "Fig. 3")),
+        ("visualize", "neighbours --out RUN/eval-val.png", visualize("neighbours", "eval-val.png", "eval-val.json")),
+        ("evaluate", "--output RUN/fig3-conv1.json", evaluate("--output", "RUN/fig3-conv1.json", needle="Fig. 3")),
+        ("evaluate", "--predictions RUN/metrics.jsonl", evaluate("--predictions", "RUN/metrics.jsonl",
+                                                                 needle="metrics.jsonl")),
+        ("evaluate", "--predictions and --output one file", evaluate("--output", "RUN/e.json", "--predictions",
+                                                                      "RUN/e.json", needle="--predictions")),
+        ("evaluate", "--output the checkpoint itself", onto_the_checkpoint),
+        ("evaluate", "--output into the data folder", into_the_data),
+    ]
+
+
+OUTPUT_CASES = output_cases()
+
+
+@pytest.mark.parametrize("command, name, build", OUTPUT_CASES, ids=[f"{c}: {n}" for c, n, _ in OUTPUT_CASES])
+def test_an_output_never_replaces_a_run_file_or_an_input(command, name, build, world, tmp_path, capsys):
+    case = build(world, tmp_path)
+    watch = case.watch + [world["run"], world["data"]]
+    before = fingerprint(*watch)
+    code = call(MAINS[command], case.argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err + out, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and case.needle in err, err
+    assert fingerprint(*watch) == before, "nothing is written, replaced or added"
+
+
+def test_filters_still_writes_the_runs_own_fig3_record(world, tmp_path, capsys):
+    """What `python -m reproduction` does: visualize filters --out RUN/fig3-conv1.png."""
+    run = copy_run(world, tmp_path / "run")
+    final = (run / "final.json").read_bytes()
+    argv = ["filters", "--checkpoint", str(run / checkpoints.CHECKPOINT), "--out", str(run / "fig3-conv1.png")]
+    assert visualize_main(argv) == 0 and visualize_main(argv) == 0  # and again: its own record
+    assert "per_tower" in json.loads((run / "fig3-conv1.json").read_text())
+    assert (run / "final.json").read_bytes() == final
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the long work started before the output was checked")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+@pytest.mark.parametrize("command", ["evaluate", "visualize", "report"])
+def test_a_read_only_output_ends_in_one_line_before_any_work(command, world, read_only, monkeypatch, capsys):
+    import reproduction.evaluate
+    import reproduction.report
+    import reproduction.visualize
+    monkeypatch.setattr(reproduction.evaluate, "evaluate", _no_work)
+    monkeypatch.setattr(reproduction.visualize, "load_checkpoint", _no_work)
+    monkeypatch.setattr(reproduction.report, "write_report", _no_work)
+    ck = str(world["run"] / checkpoints.CHECKPOINT)
+    argv = {"evaluate": ["--checkpoint", ck, "--data", str(world["data"]), "--output", str(read_only / "e.json")],
+            "visualize": ["filters", "--checkpoint", ck, "--out", str(read_only / "f.png")],
+            "report": ["--results", str(read_only)]}[command]
+    code = call(MAINS[command], argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err + out, err
+    assert len(err.strip().splitlines()) == 1 and "not writable" in err and str(read_only) in err, err
+    assert list(read_only.iterdir()) == []

@@ -152,7 +152,7 @@ def test_read_back_checks_every_pending_step_in_order(tmp_path):
         loop._read_back(False)
 
 
-def test_bench_model_cpu_defaults_are_the_issues_rows(monkeypatch, capsys):
+def test_bench_model_cpu_defaults_are_the_cpu_rows(monkeypatch, capsys):
     """With no --variants/--precisions on the CPU: torchvision fp32 and bf16, ours reference
     fp32, fast fp32 and bf16, fast compiled bf16, each against torchvision at its precision.
     (The steps are stubbed: this checks the table, not the speed.)"""

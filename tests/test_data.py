@@ -298,7 +298,7 @@ def test_bench_data_prints_a_table(coord_set, capsys):
 
 @pytest.fixture(scope="module")
 def natural_set(tmp_path_factory):
-    from conftest import data_dirs, find_data  # the checkout's gpu-carry/ on a GPU machine
+    from conftest import data_dirs, find_data  # the checkout's gpu-bundle/ on a GPU machine
     folder = find_data("imagenet-sample")
     files = sorted(folder.glob("*.JPEG"))[:24] if folder else []
     if not files:

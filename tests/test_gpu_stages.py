@@ -42,10 +42,10 @@ def fake_source(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def carry(tmp_path_factory):
+def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     source = fake_source(root / "source")
-    assert gpu.main(["prepare", "--dry-run", "--source", str(source), "--carry", str(root / "carry"),
+    assert gpu.main(["prepare", "--dry-run", "--source", str(source), "--bundle", str(root / "bundle"),
                      "--out", str(root / "prepare")]) == 0
     return root
 
@@ -55,11 +55,11 @@ def table(text: str) -> dict[str, list[str]]:
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
 
 
-def test_prepare_builds_the_carry_folder(carry):
-    c = carry / "carry"
+def test_prepare_builds_the_bundle_folder(stages):
+    c = stages / "bundle"
     assert (c / "tiny-imagenet-2" / "manifest.json").is_file()
     assert len(list((c / "imagenet-sample").glob("*.JPEG"))) == gpu.SAMPLES
-    rows = table((carry / "prepare" / "prepare-summary.md").read_text())
+    rows = table((stages / "prepare" / "prepare-summary.md").read_text())
     assert set(rows) == {"data_prep tiny-imagenet", "imagenet-sample", "size"}
     assert all(r[0] == "ok" for r in rows.values())
 
@@ -68,9 +68,9 @@ CHECK_PARTS = ["versions", "gpu tests", "train 1 epoch, fast path", "bench model
                "bench train", "bench model bf16/512 (+ compile)", "gpu compile test"]
 
 
-def test_check_dry_run_prints_the_arithmetic_and_the_table_last(carry, capsys):
-    out = carry / "check"
-    assert gpu.main(["check", "--dry-run", "--carry", str(carry / "carry"), "--out", str(out)]) == 0
+def test_check_dry_run_prints_the_arithmetic_and_the_table_last(stages, capsys):
+    out = stages / "check"
+    assert gpu.main(["check", "--dry-run", "--bundle", str(stages / "bundle"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = table(printed[printed.rindex("## check"):])
     assert list(rows) == CHECK_PARTS
@@ -79,7 +79,7 @@ def test_check_dry_run_prints_the_arithmetic_and_the_table_last(carry, capsys):
     # the budget arithmetic, before any part runs: each deadline, their sum, the worst case
     head = printed[:printed.index("--- versions")]
     assert "budget: versions 20 + gpu tests 140 + " in head and f"= 470 s of {gpu.BUDGET['check']:.0f} s" in head
-    assert f"= {gpu.BUDGET['check'] + gpu.GRACE + gpu.DRAIN:.0f} s of the call's {gpu.CALL_SECONDS:.0f} s" in head
+    assert f"= {gpu.BUDGET['check'] + gpu.GRACE + gpu.DRAIN:.0f} s of the {gpu.CALL_SECONDS:.0f} s one command may take" in head
     log = (out / "check.log").read_text()
     assert "python -m pytest -m gpu" in log and "--batch-sizes 512 --precisions bf16" in log
     assert (out / "check-summary.md").read_text() in printed
@@ -95,7 +95,7 @@ def test_check_dry_run_prints_the_arithmetic_and_the_table_last(carry, capsys):
 
 
 def test_check_plan_deadlines_sum_to_the_budget_slow_parts_last(tmp_path):
-    parts = gpu.check_parts(tmp_path / "data", tmp_path / "carry", tmp_path / "work", tmp_path / "out", dry_run=False)
+    parts = gpu.check_parts(tmp_path / "data", tmp_path / "bundle", tmp_path / "work", tmp_path / "out", dry_run=False)
     assert [p.name for p in parts] == CHECK_PARTS  # no second run of the two-device tests
     assert sum(p.seconds for p in parts) == gpu.BUDGET["check"]
     assert gpu.BUDGET["check"] + gpu.GRACE + gpu.DRAIN <= gpu.CALL_SECONDS
@@ -113,36 +113,36 @@ def test_check_plan_deadlines_sum_to_the_budget_slow_parts_last(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["budget", "call"])
-def test_a_plan_over_its_budget_is_refused_before_it_runs(carry, capsys, monkeypatch, change):
+def test_a_plan_over_its_budget_is_refused_before_it_runs(stages, capsys, monkeypatch, change):
     if change == "budget":
         monkeypatch.setitem(gpu.BUDGET, "check", 400.0)
     else:
         monkeypatch.setattr(gpu, "CALL_SECONDS", 480.0)
-    out = carry / f"over-{change}"
-    assert gpu.main(["check", "--dry-run", "--carry", str(carry / "carry"), "--out", str(out)]) == 2
+    out = stages / f"over-{change}"
+    assert gpu.main(["check", "--dry-run", "--bundle", str(stages / "bundle"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: check: ")
-    assert ("470 s, over the stage's 400 s budget" if change == "budget" else "exceeds the call's 480 s") in err
+    assert ("470 s, over the stage's 400 s budget" if change == "budget" else "exceeds the 480 s one command may take") in err
     assert "reproduction/gpu.py" in err and not out.exists()  # nothing ran
 
 
-def test_ablations_and_prepare_plans_fit_their_budgets(carry, capsys):
-    assert gpu.main(["ablations", "--dry-run", "--carry", str(carry / "carry"), "--out", str(carry / "abl-plan"),
+def test_ablations_and_prepare_plans_fit_their_budgets(stages, capsys):
+    assert gpu.main(["ablations", "--dry-run", "--bundle", str(stages / "bundle"), "--out", str(stages / "abl-plan"),
                      "--experiments", "paper", "no_lrn"]) == 0
     head = capsys.readouterr().out.split("--- ")[0]
     assert "budget: train paper 215 + fig3 paper 30 + train no_lrn 215 + packing 20 = 480 s of 480 s" in head
-    text = (carry / "prepare" / "prepare.log").read_text()
+    text = (stages / "prepare" / "prepare.log").read_text()
     assert "budget: data_prep tiny-imagenet 840 + imagenet-sample 30 + size 30 = 900 s of 900 s" in text
 
 
-def test_ablations_pack_at_most_eight_files_and_collect_files_them(carry, capsys, tmp_path):
-    out = carry / "ablations"
-    assert gpu.main(["ablations", "--dry-run", "--seed", "3", "--carry", str(carry / "carry"), "--out", str(out)]) == 0
+def test_ablations_pack_into_few_files_and_collect_files_them(stages, capsys, tmp_path):
+    out = stages / "ablations"
+    assert gpu.main(["ablations", "--dry-run", "--seed", "3", "--bundle", str(stages / "bundle"), "--out", str(out)]) == 0
     rows = table(capsys.readouterr().out.split("## ablations")[-1])
     assert list(rows) == ["train paper", "fig3 paper", "train no_lrn", "train no_overlap_pool",
                           "train one_tower", "train no_pca_lighting"]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and "ablations-summary.md" in files
+    assert len(files) <= 8 and "ablations-summary.md" in files  # a log, JSON lines, the table, one archive per run
     archives = sorted(out.glob("ablation-*-seed3.tar.gz"))
     assert len(archives) == 5
     with tarfile.open(out / "ablation-paper-seed3.tar.gz") as tar:
@@ -190,9 +190,9 @@ def test_a_part_gets_the_seconds_the_parts_before_it_left(tmp_path):
     assert limits[0] == pytest.approx(4, abs=0.5) and limits[1] > 4
 
 
-def test_check_refuses_without_a_gpu_unless_dry_run(carry, capsys):
+def test_check_refuses_without_a_gpu_unless_dry_run(stages, capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: check would run for real")
-    assert gpu.main(["check", "--carry", str(carry / "carry"), "--out", str(carry / "x")]) == 2
+    assert gpu.main(["check", "--bundle", str(stages / "bundle"), "--out", str(stages / "x")]) == 2
     assert "--dry-run" in capsys.readouterr().err

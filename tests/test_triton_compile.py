@@ -1,9 +1,9 @@
 """Every Triton kernel the GPU stages launch, compiled on the CPU for sm_90 (H100/H200), and
 ptxas's report on it: a kernel that does not compile, or spills registers to local memory,
-fails here rather than in the first minutes of a lent GPU.
+fails here rather than in the first minutes on a GPU.
 
 Triton compiles for a named target without a device: `triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 90, 32))` (API shared by triton 3.6, the GPU machine's, and 3.8, ours).
+target=GPUTarget("cuda", 90, 32))` (API shared by triton 3.6 and 3.8).
 The launches are lrn_triton's own (`forward_launch`, `backward_launch`) on meta tensors of
 the net's shapes, laid out as the operator (reproduction/lrn.py) hands them over: a tower's
 channel slice of NCHW or channels_last maps. Their arguments get the specialisation Triton's
