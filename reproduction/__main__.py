@@ -214,7 +214,7 @@ def find_run(runs: Path, prefix: str, seed: int, gpu: bool) -> Path | None:
     """This seed's main-job run already on disk (whatever images per class the budget chose for
     it): the finished one if there is one, else the unfinished one, else one stopped before its
     first checkpoint, else None. One that another process is training now is an error."""
-    from reproduction.runfolder import RunFolder
+    from reproduction.training.runfolder import RunFolder
     found = sorted(runs.glob(f"{prefix}*/paper-{'gpu' if gpu else 'cpu'}/seed{seed}"))
     for folder in found:
         if RunFolder(folder).busy():
@@ -230,8 +230,8 @@ def find_run(runs: Path, prefix: str, seed: int, gpu: bool) -> Path | None:
 def remaining_seconds(out: Path) -> float | None:
     """Training time left of an unfinished main-job run's budget (its plan's training seconds
     less those its epochs and checkpoint record), or None where it has no plan."""
-    from reproduction.checkpoints import load_checkpoint
-    from reproduction.runfolder import read_metrics
+    from reproduction.training.checkpoints import load_checkpoint
+    from reproduction.training.runfolder import read_metrics
     plan = json.loads((out / "config.json").read_text()).get("plan") if (out / "config.json").is_file() else None
     if not plan or "training_seconds" not in plan:
         return None
@@ -243,8 +243,8 @@ def remaining_seconds(out: Path) -> float | None:
 def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float) -> tuple[Path, bool]:
     """The main job's run: report a finished one, resume an unfinished one within what is left
     of its budget, or prepare, plan and train a new one. Returns its folder and whether it trained."""
-    from reproduction.distributed import parse_devices
-    from reproduction.runfolder import locate_data
+    from reproduction.training.distributed import parse_devices
+    from reproduction.training.runfolder import locate_data
     from reproduction.train import train
     options, name, changes = recipe(gpu, args.dataset)
     prefix = name.split("x")[0] + ("x" if "x" in name else "")
@@ -259,7 +259,7 @@ def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float
         left = remaining_seconds(found)
         print(f"1/4 {found} holds an unfinished run: resuming it"
               + (f" with the {left / 60:.1f} min of training its budget has left" if left is not None else ""))
-        from reproduction.checkpoints import config_of, load_checkpoint
+        from reproduction.training.checkpoints import config_of, load_checkpoint
         saved = config_of(load_checkpoint(found / "checkpoint.pt"), found / "checkpoint.pt")
         data = locate_data(json.loads((found / "config.json").read_text())["data"]["path"], found)
         train(saved, data, found, experiment="paper", resume=True, devices=devices, command=command,
@@ -392,7 +392,7 @@ def file_evidence(out: Path, runs: Path, figure: Path) -> Path:
 def check_evidence() -> None:
     """--evidence files a run as the project's committed record: only from a clean checkout, so
     that its config.json's git state names the code that made it."""
-    from reproduction.runfolder import git_state
+    from reproduction.training.runfolder import git_state
     state = git_state()
     if state["dirty"] is not False:
         why = "has uncommitted changes (git status)" if state["dirty"] else "is not a git checkout"

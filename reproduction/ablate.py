@@ -44,7 +44,7 @@ def run_config(experiment: str, changes: Sequence[str], seed: int, classes: int)
 
 def train_one(experiment: str, config: RunConfig, data: Path, folder: Path) -> str:
     """Reuse, resume or start one run; returns what was done."""
-    from reproduction.checkpoints import config_dict
+    from reproduction.training.checkpoints import config_dict
     from reproduction.files import read_json
     from reproduction.train import train
     if (folder / "final.json").is_file():
@@ -60,7 +60,7 @@ def train_one(experiment: str, config: RunConfig, data: Path, folder: Path) -> s
 
 def fig3(folder: Path) -> list[dict] | None:
     """conv1's colour-specificity per tower (Fig. 3) of a run's final weights, if they are here."""
-    from reproduction.checkpoints import load_checkpoint
+    from reproduction.training.checkpoints import load_checkpoint
     from reproduction.visualize import colour_specificity, filters_summary
     path = folder / "checkpoint.pt"
     if not path.is_file():
@@ -72,7 +72,7 @@ def fig3(folder: Path) -> list[dict] | None:
 
 def summarise(experiments: Sequence[str], seeds: Sequence[int], out: Path, command: str) -> dict:
     from reproduction.files import read_json
-    from reproduction.runfolder import read_metrics
+    from reproduction.training.runfolder import read_metrics
     from reproduction.stats import mean_sd, sd_to_json
     runs = {e: {s: out / "runs" / e / f"seed{s}" for s in seeds} for e in experiments}
     finals = {e: {s: read_json(f / "final.json") for s, f in r.items()} for e, r in runs.items()}
@@ -190,7 +190,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {args.seeds}: give distinct integers >= 0")
     experiments = list(dict.fromkeys(args.experiments))
-    from reproduction.runfolder import open_data
+    from reproduction.training.runfolder import open_data
     classes = len(open_data(args.data)[0].classes)
     try:
         configs = {(e, s): run_config(e, args.set, s, classes) for s in args.seeds for e in experiments}

@@ -36,14 +36,14 @@ from torch import nn
 from reproduction.config import DataConfig, RunConfig, TrainConfig, override
 from reproduction.data import PackedSet, Stats, decoder, default_workers, eval_batches, load_stats, train_batches
 from reproduction.errors import UserError, run_cli
-from reproduction import lrn as lrn_op
+from reproduction.ops import lrn as lrn_op
 from reproduction.evaluate import evaluate
 from reproduction.precision import autocast, native_bf16
-from reproduction.build import build, train_step
-from reproduction.loop import READ_EVERY, step_seed
+from reproduction.training.build import build, train_step
+from reproduction.training.loop import READ_EVERY, step_seed
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD
-from reproduction.runfolder import device_name
+from reproduction.training.runfolder import device_name
 
 
 def synthetic_batch(batch: int, classes: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,7 @@ from reproduction import caffe_proto
 from reproduction.config import AlexNetConfig, DataConfig, RunConfig
 from reproduction.errors import UserError, run_cli
 from reproduction.model import AlexNet
-from reproduction.checkpoints import config_dict, save_checkpoint  # BVLC/caffe models/bvlc_alexnet/readme.md: caffemodel_url and sha1.
+from reproduction.training.checkpoints import config_dict, save_checkpoint  # BVLC/caffe models/bvlc_alexnet/readme.md: caffemodel_url and sha1.
 BVLC_URL = "http://dl.caffe.berkeleyvision.org/bvlc_alexnet.caffemodel"
 BVLC_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"
 # Said by every error about the weights file: a missing or cut-short download is the likely cause.

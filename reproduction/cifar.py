@@ -46,9 +46,9 @@ from reproduction.config import CifarConfig
 from reproduction.data import num_batches
 from reproduction.errors import UserError, reading
 from reproduction.files import read_json
-from reproduction.loop import Loop, Options, Task, TrainingStopped, position_text
+from reproduction.training.loop import Loop, Options, Task, TrainingStopped, position_text
 from reproduction.optim import PaperSGD, fixed_schedule_lr
-from reproduction.runfolder import RunFolder, environment, git_state, read_metrics
+from reproduction.training.runfolder import RunFolder, environment, git_state, read_metrics
 from reproduction.stats import epochs_to, error_curve, mean_sd, sd_to_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

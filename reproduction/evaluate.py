@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, num_batches
-from reproduction.distributed import Distributed, parse_devices  # the same placement rule as training
+from reproduction.training.distributed import Distributed, parse_devices  # the same placement rule as training
 from reproduction.errors import UserError, run_cli, writable_file
 from reproduction.precision import autocast
-from reproduction.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
+from reproduction.training.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import write_json
-from reproduction.runfolder import RUN_FILES, evaluation_path, open_data
+from reproduction.training.runfolder import RUN_FILES, evaluation_path, open_data
 
 # A run folder (one holding config.json or checkpoint.pt) holds files that each belong to one
 # command; a command may replace its own, never the training run's or another command's.

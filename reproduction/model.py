@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reproduction import lrn as lrn_op
+from reproduction.ops import lrn as lrn_op
 from reproduction.config import PAPER, AlexNetConfig, override, weight_layers
 
 TOWER_NAMES = "ab"  # tower A (the first GPU) and tower B (the second)
@@ -145,7 +145,7 @@ class LocalResponseNorm(nn.Module):
     torch's `nn.LocalResponseNorm`; form="paper": c = α, the §3.3 formula read literally.
 
     fused=True (a performance switch, not in the paper): the same formula as one registered
-    operator (`reproduction.lrn`): one pass each way, a C kernel on the CPU and Triton kernels
+    operator (`reproduction.ops.lrn`): one pass each way, a C kernel on the CPU and Triton kernels
     on CUDA; F.local_response_norm stays the plain path and the tests' oracle.
     """
 
@@ -296,7 +296,7 @@ class AlexNet(nn.Module):
 
     def set_fused_lrn(self, on: bool) -> AlexNet:
         """Performance switch (TrainConfig.fused_lrn): lrn1/lrn2 as the one-pass LRN operator
-        (`reproduction.lrn`: C on the CPU, Triton on CUDA), the same §3.3 formula."""
+        (`reproduction.ops.lrn`: C on the CPU, Triton on CUDA), the same §3.3 formula."""
         for lrn in (self.lrn1, self.lrn2):
             if isinstance(lrn, LocalResponseNorm):
                 lrn.fused = on

@@ -76,7 +76,7 @@ class PaperSGD(torch.optim.Optimizer):
 def _fused_update(params, velocity, grads, lr, mu, wd):
     """Update the fp32 CPU parameters (dense, like their velocity and gradient) with the C
     kernel; return the others, for the foreach form."""
-    from reproduction import kernels
+    from reproduction.ops import kernels
     lib = kernels.library()
     rest = ([], [], [])
     for p, v, g in zip(params, velocity, grads):

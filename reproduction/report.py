@@ -48,7 +48,7 @@ PAPER_EFFECTS = {
 
 def find_runs(results: Path) -> list[dict]:
     """Every finished run folder under `results`, with its config, metrics and final numbers."""
-    from reproduction.runfolder import read_run  # the run folder's one reader (it loads torch: imported here so --help is quick)
+    from reproduction.training.runfolder import read_run  # the run folder's one reader (it loads torch: imported here so --help is quick)
     found = []
     for final in sorted(results.rglob("final.json")):
         folder = final.parent

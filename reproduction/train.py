@@ -25,19 +25,19 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from reproduction import kernels
-from reproduction.build import build, deterministic_setup
-from reproduction.checkpoints import CHECKPOINT, config_dict, config_of, load_checkpoint
+from reproduction.ops import kernels
+from reproduction.training.build import build, deterministic_setup
+from reproduction.training.checkpoints import CHECKPOINT, config_dict, config_of, load_checkpoint
 from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet, default_workers, epoch_order, name_undecodable, train_batches
-from reproduction.distributed import Distributed, parse_devices, replica_devices, scale_batch, torchrun_replica
+from reproduction.training.distributed import Distributed, parse_devices, replica_devices, scale_batch, torchrun_replica
 from reproduction.errors import UserError, debugging, reading
 from reproduction.evaluate import evaluate, final_metrics
 from reproduction.experiments import EXPERIMENTS
 from reproduction.files import read_json_file
-from reproduction.loop import Loop, Options, Task, TrainingStopped, position_text
+from reproduction.training.loop import Loop, Options, Task, TrainingStopped, position_text
 from reproduction.optim import fixed_schedule_lr, plateau_lr
-from reproduction.runfolder import RunFolder, data_identity, git_state, locate_data, open_data, run_record
+from reproduction.training.runfolder import RunFolder, data_identity, git_state, locate_data, open_data, run_record
 
 
 def learning_rate(config: RunConfig, val_errors: Sequence[float]) -> float:

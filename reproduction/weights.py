@@ -43,9 +43,9 @@ from reproduction.config import PAPER, AlexNetConfig, DataConfig, RunConfig
 from reproduction.data import SIDE, load_stats, ten_patch_offsets, view_batch
 from reproduction.errors import UserError
 from reproduction.model import AlexNet
-from reproduction.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
+from reproduction.training.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import read_json
-from reproduction.runfolder import SELECTED_BY_VAL, locate_data
+from reproduction.training.runfolder import SELECTED_BY_VAL, locate_data
 IMAGENET_INDEX = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample" / "imagenet_class_index.json"
 
 # What BVLC says of bvlc_alexnet (BVLC/caffe models/bvlc_alexnet/readme.md).

@@ -31,7 +31,7 @@ from PIL import Image
 
 from data_prep.__main__ import main as prep_main
 from packing import colour_set, pack_set
-from reproduction import checkpoints
+from reproduction.training import checkpoints
 from reproduction.bench import main as bench_main
 from reproduction.caffe import main as caffe_main
 from reproduction.evaluate import main as evaluate_main
@@ -744,7 +744,7 @@ def test_sigkill_mid_write_keeps_the_old_checkpoint_and_the_next_start_cleans_up
     old = fingerprint(out / checkpoints.CHECKPOINT)
     script = (
         "import sys, time, torch\n"
-        "from pathlib import Path\nfrom reproduction import checkpoints\n"
+        "from pathlib import Path\nfrom reproduction.training import checkpoints\n"
         "def slow_save(obj, f):\n"
         "    f.write(b'half a checkpoint' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"
         "torch.save = slow_save\n"

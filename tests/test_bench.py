@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from packing import colour_set
 from reproduction.bench import main, model_table, profile_table
 from reproduction.config import AlexNetConfig
-from reproduction.distributed import Distributed
+from reproduction.training.distributed import Distributed
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
-from reproduction.build import train_step
-from reproduction.loop import Loop, Options, Task, TrainingStopped, zero_sums
-from reproduction.runfolder import RunFolder
+from reproduction.training.build import train_step
+from reproduction.training.loop import Loop, Options, Task, TrainingStopped, zero_sums
+from reproduction.training.runfolder import RunFolder
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 

@@ -20,7 +20,7 @@ import reproduction
 from reproduction.caffe import (BVLC_SHA1, BVLC_URL, CAFFE_CHANNEL_MEAN_BGR, SHAPES, caffe_mean_rgb, check_prototxt,
                                main, read_npy)
 from reproduction.data import load_stats
-from reproduction.checkpoints import load_checkpoint, model_from_checkpoint
+from reproduction.training.checkpoints import load_checkpoint, model_from_checkpoint
 from reproduction.weights import BVLC
 
 GROUPS = {"conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}

@@ -162,7 +162,7 @@ def test_an_interrupted_cifar_run_resumes_to_the_same_numbers(shared_data, tmp_p
     import os
     import signal
 
-    from reproduction.checkpoints import load_checkpoint
+    from reproduction.training.checkpoints import load_checkpoint
     from reproduction.optim import PaperSGD
     data = cifar.load_cifar10(shared_data / "cifar10", per_class=4)
     c = dataclasses.replace(FIG1, lr=0.003, epochs=2, batch_size=8, drop_epochs=(1,))  # 5 batches an epoch

@@ -14,13 +14,14 @@ import torch
 import torch.multiprocessing as mp
 
 from packing import colour_set
-from reproduction import checkpoints, files, runfolder
+from reproduction import files
+from reproduction.training import checkpoints, runfolder
 from reproduction.config import DataConfig, RunConfig
 from reproduction.data import PackedSet, load_stats, shard_range, train_batches
 from reproduction.evaluate import final_metrics
 from reproduction.optim import PaperSGD
-from reproduction.distributed import replica_devices, scale_batch
-from reproduction.loop import step_seed
+from reproduction.training.distributed import replica_devices, scale_batch
+from reproduction.training.loop import step_seed
 from reproduction.train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from packing import colour_set
-from reproduction import checkpoints
+from reproduction.training import checkpoints
 from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet, average_softmax, eval_batches, load_stats
 from reproduction.evaluate import main as evaluate_main

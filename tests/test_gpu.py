@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from packing import colour_set
-from reproduction import lrn as lrn_op
+from reproduction.ops import lrn as lrn_op
 from reproduction.config import PAPER, RunConfig, TrainConfig, override
 from reproduction.data import PackedSet, load_stats
 from reproduction.evaluate import evaluate
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
-from reproduction.build import deterministic_setup, step_module, train_step
+from reproduction.training.build import deterministic_setup, step_module, train_step
 from reproduction.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def test_deterministic_training_on_cuda_is_bit_repeatable():
         from reproduction.config import PAPER
         from reproduction.model import AlexNet
         from reproduction.optim import PaperSGD, paper_param_groups
-        from reproduction.build import deterministic_setup, train_step
+        from reproduction.training.build import deterministic_setup, train_step
         assert deterministic_setup([torch.device("cuda")])
         def run():
             torch.manual_seed(0)

@@ -17,14 +17,14 @@ from torchvision.models import AlexNet_Weights
 import caffe_wire
 import reproduction
 from packing import colour_set
-from reproduction import checkpoints
+from reproduction.training import checkpoints
 from reproduction import train as train_module
 from reproduction import caffe as caffe_module
 from reproduction.caffe import BVLC_SHA1, BVLC_URL, CAFFE
 from reproduction.config import RunConfig, override
 from reproduction.data import load_stats
 from reproduction.model import AlexNet
-from reproduction.runfolder import BEST
+from reproduction.training.runfolder import BEST
 from reproduction.weights import BVLC, Weights, caffe_licence
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")

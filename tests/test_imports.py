@@ -1,6 +1,6 @@
 """No module of the project is part of an import circle: shared pieces live below the modules
 that use them (mean ± sd, Fig. 1's curve and Fig. 3's tower gap in reproduction/stats.py, under
-cifar, experiments and report; parse_devices in reproduction/distributed.py, under train,
+cifar, experiments and report; parse_devices in reproduction/training/distributed.py, under train,
 evaluate, visualize and the main job).
 
 The import graph is read from the source, function-local imports included, so a circle hidden
@@ -26,7 +26,7 @@ def module_name(path: Path) -> str:
     return name.removesuffix(".__init__")
 
 
-FILES = {module_name(p): p for package in PACKAGES for p in (ROOT / package).glob("*.py")}  # module -> file
+FILES = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}  # module -> file
 MODULES = sorted(FILES)
 
 
@@ -69,10 +69,10 @@ def test_import_graph_reader_sees_function_local_imports():
     graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
     assert circle_through(graph, "a") == ["a", "b", "a"] and circle_through(graph, "c") is None
     found = import_graph()
-    assert "reproduction.runfolder" in found["reproduction.report"]  # imported inside find_runs
+    assert "reproduction.training.runfolder" in found["reproduction.report"]  # imported inside find_runs
     assert "reproduction.stats" in found["reproduction.cifar"]
     assert "data_prep.stats" in found["data_prep.pack"]              # from . import image, stats
-    assert "reproduction.distributed" in found["reproduction.evaluate"]
+    assert "reproduction.training.distributed" in found["reproduction.evaluate"]
     assert "reproduction.train" not in found["reproduction.evaluate"]
 
 

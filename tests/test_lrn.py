@@ -1,4 +1,4 @@
-"""The LRN operator (reproduction/lrn.py: `reproduction::lrn`, its C kernel on the CPU) against
+"""The LRN operator (reproduction/ops/lrn.py: `reproduction::lrn`, its C kernel on the CPU) against
 its oracle, F.local_response_norm: values and gradients over the forms, tower windows, channel
 counts, window sizes, dtypes and layouts the net meets; the whole net with it against the
 reference net; and torch.compile seeing it as one node."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reproduction import lrn
+from reproduction.ops import lrn
 from reproduction.config import PAPER, override
 from reproduction.model import AlexNet
 

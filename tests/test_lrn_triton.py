@@ -1,4 +1,4 @@
-"""The fused Triton LRN (reproduction/lrn_triton.py) against its oracle, F.local_response_norm.
+"""The fused Triton LRN (reproduction/ops/lrn_triton.py) against its oracle, F.local_response_norm.
 
 On CPU the kernels run in Triton's interpreter. Triton picks interpreter or compiler when a
 kernel is made, so those checks run in one child process with TRITON_INTERPRET=1 set from the
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reproduction import lrn_triton
+from reproduction.ops import lrn_triton
 from reproduction.config import PAPER
 from reproduction.model import AlexNet, LocalResponseNorm
 
@@ -194,7 +194,7 @@ def test_fused_flag_on_cpu_needs_no_triton():
     """Without CUDA (and without the interpreter) fused=True runs the LRN operator's CPU kernel
     (tests/test_lrn.py), never a Triton kernel. (torch's own custom-op machinery may import the
     triton package when it is installed; that is not ours.)"""
-    code = ("import sys, torch; from reproduction import lrn_triton; from reproduction.model import AlexNet; "
+    code = ("import sys, torch; from reproduction.ops import lrn_triton; from reproduction.model import AlexNet; "
             "m = AlexNet().set_fused_lrn(True); assert m.lrn1.fused and m.lrn2.fused; "
             "x = torch.rand(1, 48, 5, 5); "
             "want = torch.nn.functional.local_response_norm(x, 5, 1e-4, 0.75, 2.0); "

@@ -169,7 +169,7 @@ def test_an_emulated_bf16_step_is_run_once_not_timed_again(monkeypatch):
 
 
 def test_evidence_needs_a_clean_checkout(monkeypatch, tmp_path, capsys):
-    import reproduction.runfolder as runfolder
+    import reproduction.training.runfolder as runfolder
     monkeypatch.setattr(runfolder, "git_state", lambda: {"sha": "x", "dirty": True})
     args = ["--evidence", "--work", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]
     assert main_job.main(args) == 2
@@ -193,7 +193,7 @@ def test_evidence_records_the_data_path_relative_to_the_checkout(monkeypatch, tm
 
 
 def test_a_run_being_trained_is_left_alone_by_a_second_job(tiny_recipe, tmp_path, capsys):
-    from reproduction.runfolder import RunFolder
+    from reproduction.training.runfolder import RunFolder
     run = tmp_path / "runs" / "tiny-imagenet-2x6" / "paper-cpu" / "seed0"
     run.mkdir(parents=True)
     (run / "config.json").write_text("{}")

@@ -430,9 +430,9 @@ def test_depth_variants_shapes_counts_and_gradients(name):
 def test_fine_tuning_carries_the_sixth_layer(tmp_path):
     """Table 2's 1 CNN*: pre-trained with conv6 on another class set, then fine-tuned (--init-from
     takes the architecture from the checkpoint, load_pretrained copies every layer but fc8)."""
-    from reproduction import checkpoints
+    from reproduction.training import checkpoints
     from reproduction.config import RunConfig, override
-    from reproduction.build import load_pretrained
+    from reproduction.training.build import load_pretrained
     source = override(RunConfig(), {"conv6": True, "num_classes": 7})
     torch.manual_seed(1)
     pre = AlexNet(source.model)

@@ -104,7 +104,7 @@ def test_fused_update_matches_the_foreach_form():
     """PaperSGD(fused=True): kernels.c's one-pass update against the foreach reference, over
     steps with decay, a learning-rate drop, a channels_last weight, and a parameter the kernel
     does not take (fp64: foreach)."""
-    from reproduction import kernels
+    from reproduction.ops import kernels
     if kernels.library() is None:
         pytest.skip("no C compiler: the fused update falls back to the foreach form")
     g = torch.Generator().manual_seed(0)

@@ -75,7 +75,7 @@ def test_the_wheel_holds_both_packages_and_the_kernel_source(sources, tmp_path):
         names = set(z.namelist())
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         z.extractall(tmp_path / "site")
-    assert {"reproduction/__init__.py", "reproduction/kernels.c", "reproduction/model.py",
+    assert {"reproduction/__init__.py", "reproduction/ops/kernels.c", "reproduction/model.py",
             "data_prep/__init__.py", "data_prep/image.py"} <= names
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"reproduction", "data_prep"}, top  # not hubconf.py, tests or results

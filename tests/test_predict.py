@@ -15,7 +15,7 @@ from reproduction.config import RunConfig, override
 from reproduction.data import load_stats
 from reproduction.model import AlexNet
 from reproduction.predict import load_image, main, predict
-from reproduction.checkpoints import config_dict, save_checkpoint
+from reproduction.training.checkpoints import config_dict, save_checkpoint
 IMAGES = ["n01440764_tench.JPEG", "n01530575_brambling.JPEG", "n01855672_goose.JPEG"]
 LINE = re.compile(r"^  (\d)\. (\d\.\d{4})  +(\d+)  (.+)$")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from packing import colour_set
-from reproduction import checkpoints
+from reproduction.training import checkpoints
 from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet
 from reproduction.evaluate import main as evaluate_main, write_predictions

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reproduction import checkpoints
+from reproduction.training import checkpoints
 from reproduction.config import RunConfig, override
 from reproduction.report import write_report
 

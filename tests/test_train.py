@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from packing import colour_set
-from reproduction import checkpoints, runfolder
+from reproduction.training import checkpoints, runfolder
 from reproduction.config import DataConfig, RunConfig, override
 from reproduction.data import PackedSet, load_stats
 from reproduction.errors import UserError
 from reproduction.evaluate import evaluate
 from reproduction.evaluate import main as evaluate_main
 from reproduction.optim import PaperSGD
-from reproduction.loop import Guard, TrainingStopped
+from reproduction.training.loop import Guard, TrainingStopped
 from reproduction.train import learning_rate, train
 from reproduction.train import main as train_main
 
@@ -339,7 +339,7 @@ def test_finetune_refuses_a_mismatched_start(finished_run, tiny_set, tmp_path, c
                     "--out", str(tmp_path / "x")])
     assert "--init-from takes its architecture" in capsys.readouterr().err
     from reproduction.model import AlexNet
-    from reproduction.build import load_pretrained
+    from reproduction.training.build import load_pretrained
     one_tower = AlexNet(override(TINY, {"towers": 1, "num_classes": 4}).model)
     with pytest.raises(UserError, match="does not fit this net"):
         load_pretrained(one_tower, source)
@@ -366,7 +366,7 @@ def deadline_after(monkeypatch, answers):
     """The loop's deadline check answers these in turn (once before each epoch, once after each
     step but an epoch's last), then True: a deadline reached at a chosen step."""
     answers = iter(answers)
-    monkeypatch.setattr("reproduction.loop.Loop._past_deadline", lambda self: next(answers, True))
+    monkeypatch.setattr("reproduction.training.loop.Loop._past_deadline", lambda self: next(answers, True))
 
 
 def test_a_deadline_ends_the_epoch_in_progress_as_the_last(tiny_set, tmp_path, monkeypatch):

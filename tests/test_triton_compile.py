@@ -5,7 +5,7 @@ fails here rather than in the first minutes on a GPU.
 Triton compiles for a named target without a device: `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))` (API shared by triton 3.6 and 3.8).
 The launches are lrn_triton's own (`forward_launch`, `backward_launch`) on meta tensors of
-the net's shapes, laid out as the operator (reproduction/lrn.py) hands them over: a tower's
+the net's shapes, laid out as the operator (reproduction/ops/lrn.py) hands them over: a tower's
 channel slice of NCHW or channels_last maps. Their arguments get the specialisation Triton's
 JIT gives them on a GPU (an int equal to 1 becomes a constant, pointers and ints divisible by
 16 carry that hint). ptxas -v on the generated PTX then reports registers and spills.
@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from reproduction import lrn_triton
+from reproduction.ops import lrn_triton
 
 ARCH = 90  # the H200 the stages are planned for (compute capability 9.0)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}  # fp32 (the paper's) and precision=bf16

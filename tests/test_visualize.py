@@ -13,7 +13,7 @@ from PIL import Image
 from reproduction.config import RunConfig, override
 from reproduction.data import PackedSet, eval_batches, load_stats
 from reproduction.model import AlexNet
-from reproduction.checkpoints import config_dict, save_checkpoint
+from reproduction.training.checkpoints import config_dict, save_checkpoint
 from reproduction.visualize import (
     centre_views,
     colour_specificity,

@@ -33,7 +33,7 @@ import torchvision
 
 from reproduction.config import RunConfig
 from reproduction.errors import UserError, reading
-from reproduction.checkpoints import CHECKPOINT, config_dict, load_checkpoint, save_checkpoint
+from reproduction.training.checkpoints import CHECKPOINT, config_dict, load_checkpoint, save_checkpoint
 from reproduction.files import atomic_write, dumps, finite, read_json, read_json_file, write_json
 
 BEST = "best.pt"  # the weights of the epoch with the lowest centre-patch val top-1 error (loop.py)
@@ -46,7 +46,7 @@ SELECTED_BY_VAL = ("best.pt is the epoch with the lowest centre-patch val top-1 
 
 def git_state() -> dict:
     """The commit the code came from and whether the work tree differed from it."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
         try:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reproduction import kernels
+from reproduction.ops import kernels
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -79,14 +79,14 @@ _lrn.register_autograd(_backward, setup_context=_setup_context)
 
 @_lrn.register_kernel("cuda")
 def _triton(x, size, alpha, beta, k, groups):
-    from reproduction import lrn_triton
+    from reproduction.ops import lrn_triton
     parts = [lrn_triton._forward(p, size, alpha, beta, k, keep_d=False)[0] for p in x.chunk(groups, 1)]
     return _like(x, parts)
 
 
 @_lrn_backward.register_kernel("cuda")
 def _triton_backward(x, grad, size, alpha, beta, k, groups):
-    from reproduction import lrn_triton
+    from reproduction.ops import lrn_triton
     parts = []
     for xp, gp in zip(x.chunk(groups, 1), grad.chunk(groups, 1)):
         _, d = lrn_triton._forward(xp, size, alpha, beta, k, keep_d=True)  # d again: one more pass, no saved tensor

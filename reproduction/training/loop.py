@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from reproduction.build import train_step
+from reproduction.training.build import train_step
 from reproduction.data import UnreadableImages, num_batches
-from reproduction.distributed import Distributed
+from reproduction.training.distributed import Distributed
 from reproduction.errors import UserError
-from reproduction.runfolder import BEST, SELECTED_BY_VAL, RunFolder
+from reproduction.training.runfolder import BEST, SELECTED_BY_VAL, RunFolder
 
 _DROPOUT = 2  # keeps the dropout stream apart from the data's streams (data.py uses 0, 1)
 # Steps between reads of the loss and error counts: a read waits for the device, so reading

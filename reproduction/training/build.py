@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reproduction.checkpoints import load_checkpoint
+from reproduction.training.checkpoints import load_checkpoint
 from reproduction.config import RunConfig, TrainConfig
-from reproduction.distributed import Distributed
+from reproduction.training.distributed import Distributed
 from reproduction.errors import UserError
 from reproduction.model import AlexNet
 from reproduction.optim import PaperSGD, paper_param_groups
