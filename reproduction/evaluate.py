@@ -8,7 +8,6 @@ reflections) averaged.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import sys
@@ -24,31 +23,9 @@ from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, n
 from reproduction.training.distributed import Distributed, parse_devices  # the same placement rule as training
 from reproduction.errors import UserError, run_cli, writable_file
 from reproduction.precision import autocast
-from reproduction.training.checkpoints import CHECKPOINT, config_of, load_checkpoint, model_from_checkpoint
+from reproduction.training.checkpoints import config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import write_json
-from reproduction.training.runfolder import RUN_FILES, evaluation_path, open_data
-
-# A run folder (one holding config.json or checkpoint.pt) holds files that each belong to one
-# command; a command may replace its own, never the training run's or another command's.
-FIG3 = "fig3-conv1"  # Fig. 3 picture and record that `python -m reproduction` writes into its run folder
-RUN_RECORDS = {
-    "train": ("the training run", RUN_FILES),
-    "filters": ("the Fig. 3 record (visualize filters)", (f"{FIG3}.png", f"{FIG3}.json")),
-    "evaluate": ("an evaluation (evaluate)", ("eval-*.json",)),
-}
-
-
-def refuse_run_file(path: Path, option: str, command: str) -> None:
-    """UserError if `path` is in a run folder and is a file that a command other than `command`
-    (a key of RUN_RECORDS, or any other name) writes there."""
-    name, folder = Path(path).name, Path(path).parent
-    if not any((folder / marker).exists() for marker in ("config.json", CHECKPOINT)):
-        return
-    for owner, (what, patterns) in RUN_RECORDS.items():
-        if owner != command and any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            raise UserError(f"{option} {path}: {name} in this run folder belongs to {what} and is never "
-                            "replaced; write to another file name")
-
+from reproduction.training.runfolder import evaluation_path, open_data, refuse_run_file
 
 @torch.no_grad()
 def evaluate(model: nn.Module | Sequence[nn.Module], dataset: PackedSet, stats: Stats,

@@ -160,8 +160,10 @@ class LocalResponseNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # F.local_response_norm divides its alpha by size; undo that for the literal form.
         alpha = self.alpha * self.size if self.form == "paper" else self.alpha
-        if self.fused:
+        if self.fused:  # fp32 arithmetic inside for bf16/fp16 inputs, on every device
             return lrn_op.local_response_norm(x, self.size, alpha, self.beta, self.k)
+        if x.dtype in (torch.float16, torch.bfloat16):  # under autocast: Σa² and the power in fp32 (a² overflows fp16)
+            return F.local_response_norm(x.float(), self.size, alpha=alpha, beta=self.beta, k=self.k).to(x.dtype)
         return F.local_response_norm(x, self.size, alpha=alpha, beta=self.beta, k=self.k)
 
     def extra_repr(self):

@@ -46,8 +46,7 @@ from reproduction.errors import UserError, run_cli, writable_file
 from reproduction.precision import autocast
 from reproduction.training.checkpoints import CHECKPOINT_ADVICE, config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import write_json
-from reproduction.evaluate import refuse_run_file
-from reproduction.training.runfolder import open_data
+from reproduction.training.runfolder import open_data, refuse_run_file
 COLUMNS = 16  # Fig. 3 draws each GPU's 48 kernels as 3 rows of 16
 
 

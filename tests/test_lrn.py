@@ -254,3 +254,22 @@ def test_inductor_compiles_the_operator():
     (dref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(dx, dref)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_half_precision_lrn_sums_and_powers_in_fp32(fused):
+    """Under autocast (bf16 on the CPU) and for fp16 activations the LRN computes Σa² and the
+    power in fp32 on every path: a² of an activation of 300 overflows fp16 (90,000 > 65,504),
+    which would zero the output."""
+    from reproduction.model import LocalResponseNorm
+    norm = LocalResponseNorm(5, 1e-4, 0.75, 2.0, "code")
+    norm.fused = fused
+    x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 300
+    exact = F.local_response_norm(x, 5, alpha=1e-4, beta=0.75, k=2.0)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = norm(x.to(dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), exact, rtol=2 ** -7, atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.to(torch.bfloat16))
+    torch.testing.assert_close(out.float(), exact, rtol=2 ** -7, atol=1e-2)

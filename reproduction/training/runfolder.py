@@ -20,6 +20,7 @@ metrics.jsonl (lines after it, or a line torn by a kill, are dropped, and the dr
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -346,6 +347,28 @@ class RunFolder:
     def finish(self, final: dict) -> None:
         if self.writer:
             write_json(self.path / "final.json", final)
+
+
+# A run folder (one holding config.json or checkpoint.pt) holds files that each belong to one
+# command; a command may replace its own, never the training run's or another command's.
+FIG3 = "fig3-conv1"  # Fig. 3 picture and record that `python -m reproduction` writes into its run folder
+RUN_RECORDS = {
+    "train": ("the training run", RUN_FILES),
+    "filters": ("the Fig. 3 record (visualize filters)", (f"{FIG3}.png", f"{FIG3}.json")),
+    "evaluate": ("an evaluation (evaluate)", ("eval-*.json",)),
+}
+
+
+def refuse_run_file(path: Path, option: str, command: str) -> None:
+    """UserError if `path` is in a run folder and is a file that a command other than `command`
+    (a key of RUN_RECORDS, or any other name) writes there."""
+    name, folder = Path(path).name, Path(path).parent
+    if not any((folder / marker).exists() for marker in ("config.json", CHECKPOINT)):
+        return
+    for owner, (what, patterns) in RUN_RECORDS.items():
+        if owner != command and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            raise UserError(f"{option} {path}: {name} in this run folder belongs to {what} and is never "
+                            "replaced; write to another file name")
 
 
 def run_record(experiment: str, config: RunConfig, *, command: Sequence[str], devices: Sequence[torch.device],
