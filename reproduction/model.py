@@ -266,6 +266,30 @@ class AlexNet(nn.Module):
         (logits,) = self.fc8(h)                         # 1000, on tower A's device
         return logits
 
+    FEATURES = ("pool1", "pool2", "pool5", "fc6", "fc7", "fc8")
+
+    @torch.no_grad()
+    def features(self, x: Tensor, layer: str = "fc7") -> Tensor:
+        """A layer's activations for a batch of patches x (N×3×224×224, mean-subtracted as
+        `transforms()` makes them), as the net computes them in eval mode: pool1/pool2/pool5 its
+        maps (pool5: N×256×6×6), fc6/fc7 after their ReLU (N×4096; §6.1's and Fig. 4's fc7
+        vector), fc8 the logits. Tower A's maps or units come first."""
+        if layer not in self.FEATURES:
+            raise ValueError(f"features: layer {layer!r}; give one of {', '.join(self.FEATURES)}")
+        module = getattr(self, layer)
+        captured: list = []
+        handle = module.register_forward_hook(lambda m, inputs, output: captured.append(output))
+        was_training = self.training
+        self.eval()
+        try:
+            self(x)
+        finally:
+            handle.remove()
+            self.train(was_training)
+        parts = captured if isinstance(module, nn.MaxPool2d) else captured[0]  # a pool runs once per tower
+        out = torch.cat([p.to(parts[0].device) for p in parts], dim=1)
+        return self.act(out) if layer in ("fc6", "fc7") else out
+
     def normalise(self, h: list[Tensor], lrn: nn.Module) -> list[Tensor]:
         """§3.3's LRN. On the paper's two GPUs each tower normalises its own maps, so a window
         stops at the tower's edge; lrn_scope="all" runs the windows across both towers' maps,
@@ -358,6 +382,9 @@ def _concat(xs: list[Tensor], dim: int = 1) -> Tensor:
 
 
 def _check_input(x: Tensor, c: AlexNetConfig) -> None:
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError("AlexNet's towers cannot be traced by torch.fx (torchvision's create_feature_extractor): "
+                        "use model.features(x, \"fc7\") for a layer's activations (pool1, pool2, pool5, fc6, fc7, fc8)")
     if not isinstance(x, Tensor):
         raise TypeError(f"AlexNet takes a tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != c.in_channels or tuple(x.shape[2:]) != (c.input_size,) * 2:

@@ -155,24 +155,10 @@ def merge_nearest(best: tuple[Tensor, Tensor] | None, queries: Tensor, block: Te
     return d[:, :k], i.gather(1, order)[:, :k]
 
 
-@torch.no_grad()
 def fc7_features(model: nn.Module, x: Tensor) -> Tensor:
     """Patches B×3×crop×crop → B×4096: fc7's output after its ReLU (§6.1, Fig. 4; the net's own
-    activation, so tanh for that ablation), read with a forward hook (fc7 returns one tensor per
-    tower; two towers: units 0–2047 tower A, 2048–4095 tower B), in eval mode: no dropout on
-    fc6, and drop7's test-time ×0.5 not applied (it follows fc7)."""
-    was_training = model.training
-    model.eval()
-    captured = []
-    handle = model.fc7.register_forward_hook(lambda module, inputs, output: captured.append(output))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    (parts,) = captured
-    home = parts[0].device
-    return model.act(torch.cat([p.to(home) for p in parts], dim=1)).float()
+    activation, so tanh for that ablation) in eval mode (AlexNet.features)."""
+    return model.features(x, "fc7").float()
 
 
 def _decoded(dataset: PackedSet, indices: Sequence[int]) -> Tensor:

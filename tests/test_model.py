@@ -450,3 +450,30 @@ def test_fine_tuning_carries_the_sixth_layer(tmp_path):
 def test_remove_conv_accepts_only_middle_layers():
     with pytest.raises(ValueError, match="middle conv layers"):
         dataclasses.replace(PAPER, remove_conv="conv5")
+
+
+def test_features_of_a_named_layer_are_the_nets_own_activations():
+    """model.features(x, layer): pool5's maps and fc6/fc7 after their ReLU, tower A first, as
+    the forward pass computes them in eval mode; fc8 the logits. torch.fx tracing (torchvision's
+    create_feature_extractor) is refused with a pointer to it."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(0)
+    model = AlexNet().train()
+    x = torch.randn(2, 3, 224, 224)
+    seen = {}
+    for name in ("pool5", "fc7"):
+        getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.setdefault(name, []).append(o))
+    model.eval()
+    logits = model(x)
+    model.train()
+    pool5 = model.features(x, "pool5")
+    assert pool5.shape == (2, 256, 6, 6) and torch.equal(pool5, torch.cat(seen["pool5"][:2], dim=1))
+    fc7 = model.features(x, "fc7")
+    assert fc7.shape == (2, 4096) and torch.equal(fc7, torch.relu(torch.cat(seen["fc7"][0], dim=1)))
+    assert (fc7 >= 0).all() and model.features(x, "fc6").shape == (2, 4096)
+    assert torch.equal(model.features(x, "fc8"), logits) and model.training  # its mode is kept
+    with pytest.raises(ValueError, match="give one of pool1, pool2, pool5, fc6, fc7, fc8"):
+        model.features(x, "conv9")
+    with pytest.raises(TypeError, match=r"model.features\(x, \"fc7\"\)"):
+        create_feature_extractor(model, {"fc7": "fc7"})
