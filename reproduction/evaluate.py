@@ -22,6 +22,7 @@ from reproduction.config import DataConfig
 from reproduction.data import PackedSet, Stats, average_softmax, eval_batches, num_batches
 from reproduction.training.distributed import Distributed, parse_devices  # the same placement rule as training
 from reproduction.errors import UserError, run_cli, writable_file
+from reproduction.perclass import per_class, plot_confusion
 from reproduction.precision import autocast
 from reproduction.training.checkpoints import config_of, load_checkpoint, model_from_checkpoint
 from reproduction.files import write_json
@@ -192,7 +193,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parser.error("an ensemble's result belongs to no single run: give --output FILE")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    output = _output(args)  # refused now, not after the evaluation
+    output = _output(args)  # refused now, not after the evaluation (its per-class files too)
     states = [load_checkpoint(p) for p in args.checkpoint]
     dataset, stats = open_data(args.data, [args.split])
     try:
@@ -210,6 +211,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     start, top5 = time.time(), []
     result = _both_protocols(models, configs, dataset, stats, args, top5)
     result |= _provenance(states, configs, dataset, args, seconds=round(time.time() - start, 1))
+    result["per_class"] = _write_per_class(top5, dataset, output, len(models))
     if args.predictions is not None:
         try:
             kind = write_predictions(args.predictions, dataset, top5, batch_size=args.batch_size)
@@ -218,7 +220,26 @@ def _main(argv: Sequence[str] | None = None) -> int:
         result["predictions"] = {"path": str(args.predictions), "ids": kind, "patches": 10}
     write_json(output, result)
     print(json.dumps(result, indent=2))
+    pairs = result["per_class"]["most_confused"]
+    print("most confused (true -> predicted, ten patches): " + ("; ".join(
+        f"{p['true']} -> {p['predicted']} {p['images']} ({p['share']:.0%})" for p in pairs) or "none"))
     return 0
+
+
+def per_class_paths(output: Path) -> tuple[Path, Path]:
+    """Where the per-class table and the confusion figure go: beside the result, named after it."""
+    return output.with_name(f"{output.stem}-per-class.json"), output.with_name(f"{output.stem}-confusion.png")
+
+
+def _write_per_class(top5: list[Tensor], dataset: PackedSet, output: Path, models: int) -> dict:
+    """Per-class errors and the confusion matrix (ten patches) into their own files; what the
+    result itself keeps: where they are and the most-confused pairs."""
+    table, figure = per_class_paths(output)
+    per = per_class(top5, dataset.labels, dataset.classes)
+    write_json(table, {"protocol": "ten patches (§4.1)", "split": dataset.split, **per})
+    plot_confusion(per, figure, f"{dataset.split}: top-1 confusion, ten patches"
+                                + (f", ensemble of {models}" if models > 1 else ""))
+    return {"table": str(table), "figure": str(figure), "most_confused": per["most_confused"][:5]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -228,7 +249,8 @@ def _parser() -> argparse.ArgumentParser:
                     "softmax average (§4.1, §6); of an ensemble when several checkpoints are given "
                     "(§6: the models' softmax outputs averaged). Writes the result (default: "
                     "eval-<split>.json beside the checkpoint; a run's own files are never replaced) "
-                    "and prints it.")
+                    "and prints it, and beside it each class's top-1/top-5 error with the confusion "
+                    "matrix (<result>-per-class.json) and its figure (<result>-confusion.png).")
     parser.add_argument("--checkpoint", type=Path, nargs="+", required=True, metavar="CHECKPOINT",
                         help="a run's checkpoint.pt; several = an ensemble (the models may differ in "
                              "architecture but must share the data's class list)")
@@ -253,7 +275,9 @@ def _output(args: argparse.Namespace) -> Path:
     """--output (or its default) after checking it and --predictions: writable, neither an input
     nor a file of a run folder that another command wrote, and not the same file."""
     output = evaluation_path(args.checkpoint[0], args.split, args.output)
-    for option, path in (("--output", output), ("--predictions", args.predictions)):
+    table, figure = per_class_paths(output)
+    for option, path in (("--output", output), ("--predictions", args.predictions),
+                         ("--output (its per-class table)", table), ("--output (its confusion figure)", figure)):
         if path is not None:
             writable_file(path, option, inputs=[*args.checkpoint, args.data])
             refuse_run_file(path, option, "evaluate")

@@ -501,8 +501,13 @@ def _ours(runs_or_eval, base: Path, protocol: str = "ten_patch") -> tuple[str, s
         r = runs_or_eval["result"][protocol]
         link = runs_or_eval["path"].relative_to(base).as_posix()
         n = len(runs_or_eval["members"])
+        classes = ""
+        if isinstance(runs_or_eval["result"].get("per_class"), dict):  # its confusion figure, beside it
+            figure = runs_or_eval["path"].with_name(Path(runs_or_eval["result"]["per_class"]["figure"]).name)
+            classes = f"; per class: [confusion]({figure.relative_to(base).as_posix()})" if figure.is_file() else ""
         return (f"{100 * r['top1_error']:.2f}", f"{100 * r['top5_error']:.2f}",
-                f"{n} net{'s' if n > 1 else ''}, `evaluate` on {runs_or_eval['split']}: [{Path(link).name}]({link})")
+                f"{n} net{'s' if n > 1 else ''}, `evaluate` on {runs_or_eval['split']}: [{Path(link).name}]({link})"
+                + classes)
     runs = runs_or_eval
     t1, t5 = (fmt(*mean_sd(errors(runs, protocol, w))) for w in ("top1", "top5"))
     return t1, t5, f"{len(runs)} seed(s), final.json on val: {links(runs, base)}"

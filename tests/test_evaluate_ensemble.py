@@ -88,6 +88,41 @@ def test_ensemble_averages_the_models_softmax(members, tmp_path, capsys):
     assert result["checkpoint"] == [str(p) for p in paths]
 
 
+def test_per_class_errors_and_the_confusion_matrix_follow_the_predictions(members, tmp_path, capsys):
+    """Beside the result: each class's top-1/top-5 error and the top-1 confusion matrix of the
+    ten-patch predictions (checked against the hand average), its figure, and the most-confused
+    pairs in the result and the printed summary."""
+    from reproduction.perclass import most_confused, per_class
+    data, paths = members
+    per_model, y = hand_probs(data, paths)
+    probs = (per_model[0] + per_model[1]) / 2
+    out = tmp_path / "ens.json"
+    assert evaluate_main(["--checkpoint", *map(str, paths), "--data", str(data), "--device", "cpu",
+                          "--batch-size", "2", "--output", str(out)]) == 0
+    table = json.loads((tmp_path / "ens-per-class.json").read_text())
+    assert (tmp_path / "ens-confusion.png").stat().st_size > 0
+    top1 = probs.argmax(1)
+    for i, row in enumerate(table["classes"]):
+        mine = y == i
+        assert row["images"] == int(mine.sum()) and sum(table["confusion"][i]) == row["images"]
+        if row["images"]:
+            assert row["top1_error"] == pytest.approx((top1[mine] != i).float().mean().item())
+        assert [table["confusion"][i][j] for j in range(4)] == [int((top1[mine] == j).sum()) for j in range(4)]
+    result = json.loads(out.read_text())
+    assert result["per_class"]["most_confused"] == table["most_confused"][:5]
+    assert "most confused (true -> predicted, ten patches)" in capsys.readouterr().out
+    # The pairs: largest off-diagonal cells first, with their share of the true class.
+    confusion = torch.tensor([[5, 3, 0], [1, 4, 0], [0, 2, 2]])
+    classes = [{"id": c} for c in "abc"]
+    assert [(p["true"], p["predicted"], p["images"]) for p in most_confused(confusion, classes)] == [
+        ("a", "b", 3), ("c", "b", 2), ("b", "a", 1)]
+    assert most_confused(confusion, classes)[0]["share"] == pytest.approx(3 / 8)
+    top5 = [torch.tensor([[0, 1, 2, 3, 4]]), torch.tensor([[1, 0, 2, 3, 4], [2, 1, 0, 3, 4]])]
+    got = per_class(top5, torch.tensor([0, 0, 1]), [{"id": str(i)} for i in range(5)])
+    assert [r["top1_error"] for r in got["classes"][:2]] == [0.5, 1.0] and got["classes"][1]["top5_error"] == 0.0
+    assert got["classes"][4]["top1_error"] is None  # a class with no images has no error
+
+
 def test_ensemble_refuses_other_class_lists(members, tmp_path, capsys):
     data, paths = members
     state = checkpoints.load_checkpoint(paths[1])

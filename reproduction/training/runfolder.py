@@ -355,7 +355,7 @@ FIG3 = "fig3-conv1"  # Fig. 3 picture and record that `python -m reproduction` w
 RUN_RECORDS = {
     "train": ("the training run", RUN_FILES),
     "filters": ("the Fig. 3 record (visualize filters)", (f"{FIG3}.png", f"{FIG3}.json")),
-    "evaluate": ("an evaluation (evaluate)", ("eval-*.json",)),
+    "evaluate": ("an evaluation (evaluate)", ("eval-*.json", "eval-*.png")),
 }
 
 
