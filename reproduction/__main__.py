@@ -253,6 +253,9 @@ def train_job(args: argparse.Namespace, gpu: bool, argv: list[str], began: float
     command = ["python", "-m", "reproduction", *argv]
     found = None if args.new else find_run(shown(args.runs), prefix, args.seed, gpu)
     if found is not None and (found / "final.json").is_file():
+        from reproduction.files import read_json_file
+        read_json_file(found / "final.json", "run's final numbers (final.json)", "the run folder is damaged: --new "
+                       f"trains another run beside it, or delete {found} to train it again")
         print(f"1/4 {found} already holds a finished run: reporting it (--new trains again into a new folder)")
         return found, False
     if found is not None and (found / "checkpoint.pt").is_file():
@@ -402,9 +405,11 @@ def check_evidence() -> None:
 
 def summary(out: Path, trained: float, total: float, fresh: bool) -> None:
     """The run's numbers beside chance, the towers' colour scores, and where everything is."""
-    final = json.loads((out / "final.json").read_text())
-    filters = json.loads((out / "fig3-conv1.json").read_text())
-    meta = json.loads((out / "config.json").read_text())
+    from reproduction.files import read_json_file
+    advice = f"the run folder is damaged: --new trains another run beside it, or delete {out} to train it again"
+    final = read_json_file(out / "final.json", "run's final numbers (final.json)", advice)
+    filters = read_json_file(out / "fig3-conv1.json", "Fig. 3 record", advice)
+    meta = read_json_file(out / "config.json", "run record (config.json)", advice)
     classes = meta["data"]["classes"]
     chance1, chance5 = 100 * (1 - 1 / classes), 100 * max(0.0, 1 - 5 / classes)
     print(f"{meta['data']['dataset']}, {classes} classes, {meta['data']['train_images']:,} training / "

@@ -3,14 +3,15 @@ with its `add_<name>_arguments`). results/benchmarks.md holds the commands and m
 
     python -m reproduction.bench data  --data DIR [--device cpu|cuda] [--batch-size 128] [--batches 20]
     python -m reproduction.bench model [--device cuda|cpu] [--batch-sizes 128 512] [--precisions fp32 bf16]
-                                       [--steps 30] [--warmup 5] [--variants ...] [--profile]
+                                       [--rounds 10] [--steps 10] [--warmup 5] [--variants ...] [--profile]
     python -m reproduction.bench train --data DIR [--device cuda|cpu] [--batch-size 128] [--batches 30] [--set k=v ...] [--json FILE]
     python -m reproduction.bench eval  --data DIR [--device cuda|cpu] [--batch-size 128] [--ten-patch] [--set k=v ...] [--json FILE]
 
 `data`: delivered training batches (read + decode + §4.1 augmentation, ready on the device) and
 centre-patch and ten-patch eval throughput, from a packed set written by data_prep/.
 `model`: one training step (forward, backward, update) on a synthetic batch: ours beside
-torchvision's alexnet run as its users run it; img/s from the median step.
+torchvision's alexnet in both memory layouts, at the same batch and precision, in interleaved
+rounds; img/s from the median round, ratios against torchvision's better layout, with ranges.
 `train`: the real loader feeding the real step (`build.train_step`), beside the step alone on one
 resident batch and the loader alone (the decode ceiling).
 `eval`: `evaluate.evaluate`'s img/s, and the time that projects for ImageNet's 50,000 val images.
@@ -196,23 +197,25 @@ class Unavailable(Exception):
     """A variant that cannot run on this device; the message says why."""
 
 
-# variant: (net, variant) as the table names them
+# variant: (net, variant) as the table names them. Each row is one net in one memory layout:
+# torchvision's in both (users run either), ours as train.py runs it.
 VARIANTS = {
-    "torchvision": ("torchvision alexnet", "eager, torch.optim.SGD"),
-    "reference": ("ours", "reference LRN (F.local_response_norm), eager"),
+    "torchvision": ("torchvision alexnet", "eager, torch.optim.SGD, NCHW"),
+    "torchvision-cl": ("torchvision alexnet", "eager, torch.optim.SGD, channels_last"),
+    "reference": ("ours", "reference LRN (F.local_response_norm), eager, NCHW"),
     "fast": ("ours", "fast: LRN operator, one-pass update, channels_last, eager"),
     "fast-compiled": ("ours", "fast + torch.compile"),
 }
+TORCHVISION = ("torchvision", "torchvision-cl")
 # The rows `bench model --device cpu` measures unless told otherwise: each precision where it
 # means something on a CPU (bf16 only pays where the CPU has native bf16: the header says).
-CPU_ROWS = [("torchvision", "fp32"), ("torchvision", "bf16"), ("reference", "fp32"),
-            ("fast", "fp32"), ("fast", "bf16"), ("fast-compiled", "bf16")]
+CPU_ROWS = [("torchvision", "fp32"), ("torchvision-cl", "fp32"), ("reference", "fp32"), ("fast", "fp32"),
+            ("torchvision", "bf16"), ("torchvision-cl", "bf16"), ("fast", "bf16")]
 
 
-def torchvision_step(batch: int, precision: str, device: torch.device) -> Callable[[], None]:
+def torchvision_step(batch: int, precision: str, device: torch.device, channels_last: bool) -> Callable[[], None]:
     """torchvision.models.alexnet trained as its users train it: eager, nn.CrossEntropyLoss,
-    torch.optim.SGD (momentum 0.9, weight decay 5e-4); bf16 = autocast + channels_last."""
-    channels_last = precision == "bf16"
+    torch.optim.SGD (momentum 0.9, weight decay 5e-4), in the given memory layout."""
     model = torchvision.models.alexnet().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -236,8 +239,8 @@ def ours_step(variant: str, batch: int, precision: str,
     """The paper's net (1000 classes) and PaperSGD through `build.train_step`, with the flags of
     `variant`: reference (eager, F.local_response_norm, NCHW), fast (the LRN operator, the
     one-pass update, channels_last: what fused_lrn=True fused_sgd=True channels_last=True give
-    train.py), fast-compiled (the same under torch.compile). The batch arrives in the layout the step wants, as the loader
-    delivers it."""
+    train.py), fast-compiled (the same under torch.compile). The batch arrives in the layout the
+    step wants, as the loader delivers it."""
     fast = variant in ("fast", "fast-compiled")
     if fast and device.type == "cuda":
         try:
@@ -250,21 +253,35 @@ def ours_step(variant: str, batch: int, precision: str,
     return synthetic_step(config, device)
 
 
+def spread(values: Sequence[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}" if len(values) > 1 else "—"
+
+
 def model_table(results: Sequence[dict]) -> str:
-    """Markdown, one row per result ({variant, batch, precision, img_s or None, note}), with its
-    img/s ÷ torchvision's at the same batch and precision ("—" where either is missing)."""
-    base = {(r["batch"], r["precision"]): r["img_s"] for r in results
-            if r["variant"] == "torchvision" and r["img_s"]}
+    """Markdown, one row per result ({variant, batch, precision, rounds: seconds per step in each
+    round, or None, note}). A row of ours is set against torchvision's better layout at the same
+    batch and precision: the median over rounds of (torchvision's step time ÷ ours) in the same
+    round, and its range; img/s is the median round's, with the rounds' range."""
     rows = []
     for r in results:
         net, variant = VARIANTS[r["variant"]]
-        tv = base.get((r["batch"], r["precision"]))
-        ok = r["img_s"] is not None
+        ok = bool(r["rounds"])
+        base = _torchvision_base(results, r) if ok else None
+        ratios = [t / o for t, o in zip(base["rounds"], r["rounds"])] if base else []
+        img_s = [r["batch"] / t for t in r["rounds"]] if ok else []
         rows.append([net, variant, r["batch"], r["precision"],
-                     rate_text(r["img_s"]) if ok else f"n/a: {r['note']}",
-                     f"{1000 * r['batch'] / r['img_s']:.1f}" if ok else "—",
-                     f"{r['img_s'] / tv:.2f}×" if ok and tv else "—"])
-    return markdown(["net", "variant", "batch", "precision", "img/s", "ms/step", "vs torchvision"], rows)
+                     rate_text(statistics.median(img_s)) if ok else f"n/a: {r['note']}",
+                     f"{rate_text(min(img_s))}–{rate_text(max(img_s))}" if len(img_s) > 1 else "—",
+                     f"{statistics.median(ratios):.2f}× ({spread(ratios)})" if ratios else "—",
+                     VARIANTS[base["variant"]][1].split(", ")[-1] if base else "—"])
+    return markdown(["net", "variant", "batch", "precision", "img/s", "range", "vs torchvision", "its layout"], rows)
+
+
+def _torchvision_base(results: Sequence[dict], row: dict) -> dict | None:
+    """torchvision's faster layout (lower median step) at the row's batch and precision."""
+    same = [r for r in results if r["variant"] in TORCHVISION and r["rounds"]
+            and (r["batch"], r["precision"]) == (row["batch"], row["precision"])]
+    return min(same, key=lambda r: statistics.median(r["rounds"]), default=None)
 
 
 PROFILE_ROWS = ("conv1", "lrn1", "pool1", "conv2", "lrn2", "pool2", "conv3", "conv4", "conv5", "pool5",
@@ -335,33 +352,86 @@ def profile_table(profiles: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def bench_model(args: argparse.Namespace) -> int:
-    """Training-step throughput on one device: torchvision's alexnet as its users run it, and
-    ours with the reference LRN, with the fused LRN, and on train.py's fast path. One step =
-    forward + backward + optimiser update on a synthetic batch; img/s from the median step time."""
+    """Training-step throughput on one device, like for like: torchvision's alexnet in both
+    memory layouts and ours (reference LRN; the fast path) at the same batch and precision,
+    timed in interleaved rounds (A B C A B C ...) so that the host's drift falls on every row.
+    One step = forward + backward + update on a synthetic batch; each row's img/s is its median
+    round's, and ours is set against torchvision's better layout round by round."""
     device = open_device(args.device)
     cpu = device.type == "cpu"
-    steps = args.steps or (3 if cpu else 30)
-    warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    rounds, per_round = args.rounds or (5 if cpu else 10), args.steps or (2 if cpu else 10)
+    warmup = args.warmup if args.warmup is not None else (2 if cpu else 5)
     notes = model_settings(device)
-    results, profiles, failed = [], {}, False
-    for batch, precision, variant in model_rows(args, cpu):
-        result, broke = measure_model_row(variant, batch, precision, device, steps=steps, warmup=warmup,
-                                          profiles=profiles if args.profile else None)
-        results.append(result)
-        failed |= broke
-        gc.collect()  # the row's net and optimiser are gone: free their memory before the next row
+    print("\n".join(machine_lines(device) + notes), flush=True)
+    results, profiles = [], {} if args.profile else None
+    for _, group in itertools.groupby(model_rows(args, cpu), key=lambda r: r[:2]):  # one batch and precision
+        rows = [build_model_row(v, b, p, device, warmup) for b, p, v in group]
+        for k in range(rounds):
+            for row in rows if k % 2 == 0 else reversed(rows):  # A B C, C B A: no row always first
+                time_round(row, per_round, device)
+        results += [row["result"] for row in rows]
+        if profiles is not None:
+            profiles |= profile_rows(rows, per_round, device)
+        del rows  # the group's nets and optimisers: freed before the next group is built
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.profile:
+    if profiles is not None:
         print("\nShare of a training step by layer, ours, eager, % as total (forward / backward); the "
               "device is drained at every layer boundary, so these steps run slower than the table's:\n")
         print(profile_table(profiles) if profiles else "(no eager variant of ours was measured)")
-    print()
-    print("\n".join(machine_lines(device) + notes + [
-        f"{steps} timed steps after {warmup} warm-up; synthetic batch, 1000 classes, 224×224 input"]))
-    print()
+    print(f"\n{rounds} interleaved rounds of {per_round} timed steps per row (the round's median), after "
+          f"{warmup} warm-up steps; synthetic batch, 1000 classes, 224×224 input\n")
     print(model_table(results))
-    return 1 if failed else 0
+    return 1 if any(r["note"].startswith("failed") for r in results) else 0
+
+
+def build_model_row(variant: str, batch: int, precision: str, device: torch.device, warmup: int) -> dict:
+    """One row: its step built and warmed up. A variant this device cannot run, or one that
+    fails (out of memory, a failed compile), is reported in its row; the others still run."""
+    result = {"variant": variant, "batch": batch, "precision": precision, "rounds": [], "note": ""}
+    row = {"result": result, "step": None, "model": None, "optimizer": None,
+           "what": f"{' / '.join(VARIANTS[variant])}, batch {batch}, {precision}"}
+    try:
+        if variant == "fast-compiled":
+            torch.compiler.reset()  # a fresh compile per row: no shapes or guards carried over
+        if variant in TORCHVISION:
+            row["step"] = torchvision_step(batch, precision, device, channels_last=variant == "torchvision-cl")
+        else:
+            row["step"], row["model"], row["optimizer"] = ours_step(variant, batch, precision, device)
+        step_times(row["step"], steps=0, warmup=warmup, device=device)
+    except Unavailable as e:
+        result["note"], row["step"] = str(e), None
+        print(f"{row['what']}: n/a ({e})", flush=True)
+    except Exception as e:  # Triton's errors are no RuntimeError: report any, measure the other rows
+        result["note"], row["step"] = f"failed: {type(e).__name__}", None
+        print(f"{row['what']}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    return row
+
+
+def time_round(row: dict, steps: int, device: torch.device) -> None:
+    """One round of a row: `steps` steps back to back; their median joins the row's rounds."""
+    if row["step"] is None:
+        return
+    try:
+        seconds = statistics.median(step_times(row["step"], steps=steps, warmup=0, device=device))
+    except Exception as e:
+        row["result"]["note"], row["step"], row["result"]["rounds"] = f"failed: {type(e).__name__}", None, []
+        print(f"{row['what']}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return
+    row["result"]["rounds"].append(seconds)
+    print(f"{row['what']}: {1000 * seconds:.1f} ms/step, {row['result']['batch'] / seconds:,.0f} img/s", flush=True)
+
+
+def profile_rows(rows: list[dict], steps: int, device: torch.device) -> dict:
+    """--profile: each eager variant of ours, layer by layer (after the timed rounds)."""
+    profiles = {}
+    for row in rows:
+        r = row["result"]
+        if row["step"] is not None and r["variant"] in ("reference", "fast"):
+            clock = LayerClock(row["model"], row["optimizer"], device)
+            profiles[f"{VARIANTS[r['variant']][1].split(':')[0]}, b{r['batch']} {r['precision']}"] = clock.run(row["step"], steps)
+    return profiles
 
 
 def model_rows(args: argparse.Namespace, cpu: bool) -> list[tuple[int, str, str]]:
@@ -376,7 +446,7 @@ def model_rows(args: argparse.Namespace, cpu: bool) -> list[tuple[int, str, str]
 def model_settings(device: torch.device) -> list[str]:
     """Set the process-wide settings every row runs under; returns the lines that state them."""
     if device.type == "cpu":
-        return [f"native bf16: {'yes' if native_bf16(device) else 'no (bf16 is emulated: expect it slower than fp32)'}; "
+        return [cpu_line(), f"native bf16: {'yes' if native_bf16(device) else 'no (bf16 is emulated: expect it slower than fp32)'}; "
                 f"LRN operator: {'C kernel' if lrn_op.kernel_available() else 'plain PyTorch fallback (no C compiler)'}; "
                 f"{torch.get_num_threads()} threads"]
     if device.type != "cuda":
@@ -389,34 +459,24 @@ def model_settings(device: torch.device) -> list[str]:
             "leaves torch's defaults: TF32 convolutions, fp32 matmuls); cudnn.benchmark on"]
 
 
-def measure_model_row(variant: str, batch: int, precision: str, device: torch.device, *, steps: int,
-                      warmup: int, profiles: dict | None) -> tuple[dict, bool]:
-    """One row of the table and whether it failed. A variant this device cannot run, or one that
-    fails (out of memory, a failed compile), is reported in its row; the other rows still run.
-    profiles: where to add the eager variants' per-layer shares (--profile), else None."""
-    result = {"variant": variant, "batch": batch, "precision": precision, "img_s": None, "note": ""}
-    what = f"{' / '.join(VARIANTS[variant])}, batch {batch}, {precision}"
+def cpu_line() -> str:
+    """The CPU's model, the flags that decide these numbers, and ISA limits set in the environment."""
+    import os
+    model, flags = "unknown CPU", set()
     try:
-        if variant == "fast-compiled":
-            torch.compiler.reset()  # a fresh compile per row: no shapes or guards carried over
-        if variant == "torchvision":
-            step, model, optimizer = torchvision_step(batch, precision, device), None, None
-        else:
-            step, model, optimizer = ours_step(variant, batch, precision, device)
-        seconds = statistics.median(step_times(step, steps=steps, warmup=warmup, device=device))
-        result["img_s"] = batch / seconds
-        print(f"{what}: {1000 * seconds:.1f} ms/step, {batch / seconds:,.0f} img/s", flush=True)
-        if profiles is not None and variant in ("reference", "fast"):
-            clock = LayerClock(model, optimizer, device)
-            profiles[f"{VARIANTS[variant][1]}, b{batch} {precision}"] = clock.run(step, steps)
-    except Unavailable as e:
-        result["note"] = str(e)
-        print(f"{what}: n/a ({e})", flush=True)
-    except Exception as e:  # Triton's errors are no RuntimeError: report any, measure the other rows
-        result["note"] = f"failed: {type(e).__name__}"
-        print(f"{what}: failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        return result, True
-    return result, False
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    have = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx512_vnni", "avx2") if f in flags]
+    limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ]
+    return (f"cpu: {model}; flags: {' '.join(have) or 'none of amx_bf16 avx512_bf16 avx512f avx2'}; "
+            f"torch's kernels: {torch.backends.cpu.get_cpu_capability()}" + (f"; limited by {' '.join(limits)}" if limits else ""))
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -426,11 +486,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "the compiled one ~2 min)")
     p.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="default fp32 and bf16 (on the CPU, with no --variants: the rows of CPU_ROWS)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on the CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds over the rows (default 10 on CUDA, 5 on the CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per row and round (default 10 on CUDA, 2 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 5 on CUDA, 2 on the CPU)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                   help="rows to measure (default all; on the CPU: torchvision fp32/bf16, reference fp32, "
-                        "fast fp32/bf16, fast-compiled bf16)")
+                   help="rows to measure (default all; on the CPU: torchvision NCHW and channels_last at "
+                        "fp32 and bf16, ours reference fp32, fast fp32 and bf16)")
     p.add_argument("--profile", action="store_true",
                    help="also print each layer's share of our eager net's step (conv1 ... fc8, optimiser)")
 

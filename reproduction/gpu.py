@@ -365,7 +365,7 @@ def check_parts(data: Path, bundle: Path, work: Path, out: Path, dry_run: bool) 
     bench_bf16 = _python("-m", "reproduction.bench", "model", "--device", "cuda", "--batch-sizes", "512",
                          "--precisions", "bf16")
     bench_fp32 = _python("-m", "reproduction.bench", "model", "--device", "cuda", "--batch-sizes", "128",
-                         "--precisions", "fp32", "--variants", "torchvision", "reference", "fast")
+                         "--precisions", "fp32", "--variants", "torchvision", "torchvision-cl", "reference", "fast")
     run = work / "check-train"
     train = _python("-m", "reproduction.train", "--experiment", "paper", "--data", str(data), "--out", str(run),
                     "--devices", "cuda:0", "--set", "epochs=1", "stuck_steps=100000", *FAST)

@@ -34,21 +34,24 @@ def table_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end] if "---" not in line]
 
 
-def test_model_table_divides_by_torchvision_at_the_same_batch_and_precision():
+def test_model_table_sets_ours_against_torchvisions_better_layout_round_by_round():
+    row = lambda variant, batch, precision, rounds, note="": {"variant": variant, "batch": batch,
+                                                               "precision": precision, "rounds": rounds, "note": note}
     results = [
-        {"variant": "torchvision", "batch": 128, "precision": "fp32", "img_s": 1000.0, "note": ""},
-        {"variant": "reference", "batch": 128, "precision": "fp32", "img_s": 1500.0, "note": ""},
-        {"variant": "torchvision", "batch": 128, "precision": "bf16", "img_s": 4000.0, "note": ""},
-        {"variant": "fast-compiled", "batch": 128, "precision": "bf16", "img_s": 5000.0, "note": ""},
-        {"variant": "fast", "batch": 128, "precision": "bf16", "img_s": None, "note": "needs triton"},
-        {"variant": "reference", "batch": 512, "precision": "fp32", "img_s": 2048.0, "note": ""},  # no torchvision row
+        row("torchvision", 128, "fp32", [0.128, 0.256, 0.128]),       # NCHW: median 0.128 s
+        row("torchvision-cl", 128, "fp32", [0.100, 0.100, 0.400]),    # channels_last: median 0.100 s, the better
+        row("fast", 128, "fp32", [0.080, 0.125, 0.200]),
+        row("fast", 128, "bf16", [], "needs triton"),
+        row("reference", 512, "fp32", [0.25, 0.25]),                 # no torchvision row at this batch
     ]
     header, *rows = table_rows(model_table(results))
-    assert header == ["net", "variant", "batch", "precision", "img/s", "ms/step", "vs torchvision"]
-    assert [r[6] for r in rows] == ["1.00×", "1.50×", "1.00×", "1.25×", "—", "—"]
-    assert rows[1][:5] == ["ours", "reference LRN (F.local_response_norm), eager", "128", "fp32", "1,500"]
-    assert rows[1][5] == "85.3"  # 1000 · 128 / 1500 ms
-    assert rows[4][4] == "n/a: needs triton"
+    assert header == ["net", "variant", "batch", "precision", "img/s", "range", "vs torchvision", "its layout"]
+    assert rows[0][4] == "1,000" and rows[0][5] == "500–1,000"     # the median round's img/s, the rounds' range
+    assert rows[1][6] == "1.00× (1.00–1.00)" and rows[0][6] == "0.78× (0.39–3.12)" and rows[0][7] == "channels_last"
+    # ours against torchvision channels_last in the same round: 0.100/0.080, 0.100/0.125, 0.400/0.200
+    assert rows[2][6] == "1.25× (0.80–2.00)" and rows[2][7] == "channels_last"
+    assert rows[3][4] == "n/a: needs triton" and rows[3][6] == "—"
+    assert rows[4][6] == "—" and rows[4][5] == "2,048–2,048"
 
 
 def test_profile_table_shows_total_and_split_per_layer():
@@ -61,21 +64,19 @@ def test_profile_table_shows_total_and_split_per_layer():
 
 def test_bench_model_on_the_cpu(capsys):
     assert main(["model", "--device", "cpu", "--batch-sizes", "2", "--precisions", "fp32", "bf16",
-                 "--variants", "torchvision", "reference", "fast", "--steps", "1", "--warmup", "1",
-                 "--profile"]) == 0
+                 "--variants", "torchvision", "torchvision-cl", "reference", "fast", "--rounds", "2",
+                 "--steps", "1", "--warmup", "1", "--profile"]) == 0
     out = capsys.readouterr().out
     header, *rows = table_rows(out)
-    assert header[-1] == "vs torchvision"
-    assert [(r[0], r[1], r[3]) for r in rows] == [
-        ("torchvision alexnet", "eager, torch.optim.SGD", "fp32"),
-        ("ours", "reference LRN (F.local_response_norm), eager", "fp32"),
-        ("ours", "fast: LRN operator, one-pass update, channels_last, eager", "fp32"),
-        ("torchvision alexnet", "eager, torch.optim.SGD", "bf16"),
-        ("ours", "reference LRN (F.local_response_norm), eager", "bf16"),
-        ("ours", "fast: LRN operator, one-pass update, channels_last, eager", "bf16")]
-    assert rows[0][6] == rows[3][6] == "1.00×"
-    assert all(r[6].endswith("×") and float(r[4].replace(",", "")) > 0 for r in rows)
-    assert "native bf16: " in out and "LRN operator: " in out
+    assert header[6] == "vs torchvision"
+    tv, tv_cl = "eager, torch.optim.SGD, NCHW", "eager, torch.optim.SGD, channels_last"
+    ref, fast = "reference LRN (F.local_response_norm), eager, NCHW", "fast: LRN operator, one-pass update, channels_last, eager"
+    assert [(r[1], r[3]) for r in rows] == [(tv, "fp32"), (tv_cl, "fp32"), (ref, "fp32"), (fast, "fp32"),
+                                           (tv, "bf16"), (tv_cl, "bf16"), (ref, "bf16"), (fast, "bf16")]
+    assert all(" (" in r[6] and r[7] in ("NCHW", "channels_last") and float(r[4].replace(",", "")) > 0 for r in rows)
+    assert "1.00× (1.00–1.00)" in {rows[0][6], rows[1][6]}  # torchvision's better layout is the base
+    assert "native bf16: " in out and "LRN operator: " in out and "cpu: " in out and "flags: " in out
+    assert "2 interleaved rounds of 1 timed steps per row" in out
     profile = out[out.index("Share of a training step"):]
     for layer in ("| conv1 |", "| lrn1 |", "| fc8 |", "| optimiser |"):
         assert layer in profile
@@ -153,22 +154,24 @@ def test_read_back_checks_every_pending_step_in_order(tmp_path):
 
 
 def test_bench_model_cpu_defaults_are_the_cpu_rows(monkeypatch, capsys):
-    """With no --variants/--precisions on the CPU: torchvision fp32 and bf16, ours reference
-    fp32, fast fp32 and bf16, fast compiled bf16, each against torchvision at its precision.
-    (The steps are stubbed: this checks the table, not the speed.)"""
+    """With no --variants/--precisions on the CPU: torchvision in both layouts at fp32 and bf16,
+    ours reference fp32, fast fp32 and bf16, each against torchvision at its precision; the rows
+    of one precision are timed in interleaved rounds, in alternating order. (The steps are
+    stubbed: this checks the table and the order, not the speed.)"""
     import reproduction.bench as bench
-    built = []
+    built, timed = [], []
 
     def fake(variant, batch, precision, device):
         built.append((variant, precision))
-        return (lambda: None), None, None
+        return (lambda: timed.append(variant)), None, None
     monkeypatch.setattr(bench, "ours_step", fake)
-    monkeypatch.setattr(bench, "torchvision_step", lambda b, p, d: fake("torchvision", b, p, d)[0])
-    monkeypatch.setattr(bench, "step_times", lambda step, **kw: [0.5])
-    assert main(["model", "--device", "cpu"]) == 0
+    monkeypatch.setattr(bench, "torchvision_step", lambda b, p, d, channels_last: fake(
+        "torchvision-cl" if channels_last else "torchvision", b, p, d)[0])
+    monkeypatch.setattr(bench, "step_times", lambda step, steps, **kw: [step() or 0.5 for _ in range(steps)])
+    assert main(["model", "--device", "cpu", "--rounds", "2", "--steps", "1", "--warmup", "0"]) == 0
     header, *rows = table_rows(capsys.readouterr().out)
     assert built == [v for v in bench.CPU_ROWS]
-    assert [(r[1].split(":")[0].split(",")[0], r[2], r[3]) for r in rows] == [
-        ("eager", "32", "fp32"), ("eager", "32", "bf16"), ("reference LRN (F.local_response_norm)", "32", "fp32"),
-        ("fast", "32", "fp32"), ("fast", "32", "bf16"), ("fast + torch.compile", "32", "bf16")]
-    assert all(r[6] == "1.00×" for r in rows)  # every stubbed step takes the same time
+    assert timed[:8] == ["torchvision", "torchvision-cl", "reference", "fast", "fast", "reference",
+                         "torchvision-cl", "torchvision"]  # A B C D, D C B A
+    assert [(r[2], r[3]) for r in rows] == [("32", p) for _, p in bench.CPU_ROWS]
+    assert all(r[6] == "1.00× (1.00–1.00)" for r in rows)  # every stubbed step takes the same time

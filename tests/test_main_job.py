@@ -212,3 +212,13 @@ def test_a_job_stopped_before_its_first_checkpoint_starts_again_in_its_folder(ti
     assert main_job.main(["--work", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]) == 0
     assert "starting it again" in capsys.readouterr().out
     assert (run / "final.json").is_file() and "killed" not in (run / "config.json").read_text()
+
+
+def test_a_damaged_final_json_of_a_finished_run_is_one_line(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "runs" / "tiny-imagenet-2x6" / "paper-cpu" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "final.json").write_text('{"centre": ')  # cut mid-write by something else
+    assert main_job.main(["--work", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "final.json" in err and "--new" in err and len(err.splitlines()) == 1

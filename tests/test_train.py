@@ -413,3 +413,19 @@ def test_every_choice_made_for_this_machine_is_printed_with_its_reason_and_recor
         return
     assert "compute threads (torch's default, one per core)" in automatic[2]
     assert automatic[3].startswith("the C kernels for the LRN and the update ")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only folders anyway")
+def test_resume_in_a_read_only_run_folder_is_refused_before_training(finished_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "ro"
+    shutil.copytree(finished_run[0], run)
+    (run / "final.json").unlink()
+    for p in [run, *run.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        assert train_main(["--resume", "--out", str(run), "--workers", "0"]) == 2
+    finally:
+        for p in [run, *run.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert "is not writable" in capsys.readouterr().err

@@ -295,6 +295,10 @@ class RunFolder:
         if not self.checkpoint.exists():
             raise UserError(f"--resume: {self.path} holds no {CHECKPOINT} "
                             f"({', '.join(self.held()) or 'no run files'}); start a fresh run in another --out")
+        if self.writer and not all(os.access(p, os.W_OK) for p in (self.path, self.path / "config.json", self.checkpoint)
+                                   if p.exists()):  # refused now, not at the first checkpoint an epoch later
+            raise UserError(f"--resume: {self.path} (or its config.json or {CHECKPOINT}) is not writable; fix its "
+                            "permissions, or copy the folder somewhere writable and resume there")
         self.lock()
         state = load_checkpoint(self.checkpoint)
         meta = read_json_file(self.path / "config.json", "run record (config.json)",
