@@ -9,6 +9,12 @@ See reproduction/weights.py. The names are loaded on first use, so that `python 
 (which imports reproduction.errors) does not pay for torch and the model.
 """
 
+import signal
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m reproduction...` is starting: a Ctrl-C while torch loads exits
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))  # quietly (run_cli restores Ctrl-C)
+
 _EXPORTS = ("alexnet", "alexnet_caffe", "load_weights", "Weights")
 __all__ = list(_EXPORTS)
 

@@ -100,6 +100,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prefix: str = "error") -> int:
     """Call a command's main, turning expected failures into one line and an exit status."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again
     try:
         return main(argv)
     except UserError as e:

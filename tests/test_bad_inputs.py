@@ -928,3 +928,22 @@ def test_a_read_only_output_ends_in_one_line_before_any_work(command, world, rea
     assert code == 2 and "Traceback" not in err + out, err
     assert len(err.strip().splitlines()) == 1 and "not writable" in err and str(read_only) in err, err
     assert list(read_only.iterdir()) == []
+
+
+def test_ctrl_c_while_a_command_loads_torch_exits_quietly_with_130():
+    """`python -m reproduction.X` imports the package while argv[0] is still "-m": a Ctrl-C
+    from then until the command's main starts (torch loading) ends with 130 and no traceback."""
+    code = ("import sys; sys.argv[0] = '-m'\n"
+            "import os, signal, time, reproduction\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(10)\n"
+            "print('not stopped')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130 and "Traceback" not in done.stderr and "not stopped" not in done.stdout
+    from reproduction.errors import run_cli  # once a command's main runs, Ctrl-C is KeyboardInterrupt again
+
+    def main(argv):
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        return 0
+    assert run_cli(main, []) == 0
