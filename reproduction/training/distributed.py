@@ -6,8 +6,12 @@ gloo on the CPU). A plain run uses `Distributed()`, whose methods do nothing.
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+import traceback
 from datetime import timedelta
+from types import TracebackType
 from typing import Sequence
 
 import torch
@@ -70,11 +74,28 @@ class Distributed:
     def __enter__(self) -> Distributed:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
-        if self.started:
-            if exc_type is None:
-                self.barrier()  # nobody leaves while rank 0 may still be writing final.json
-            dist.destroy_process_group()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.started:
+            return
+        if exc_type is None:
+            self.barrier()  # nobody leaves while rank 0 may still be writing final.json
+        else:
+            release_after_failure(tb)
+        dist.destroy_process_group()
+
+
+def release_after_failure(tb: TracebackType | None) -> None:
+    """Before the process group goes, after a failure (a peer gone, an error): let gloo's worker
+    threads finish the failed collectives, then free the DDP module the failing frames still hold.
+
+    Otherwise the DDP reducer, freed later with the traceback, drops the group's last reference
+    and its destructor, run with the GIL held, waits for a worker that is freeing a failed
+    collective's tensors and waits for the GIL: the survivor of a failed rank hangs instead of
+    exiting (seen with torch 2.11's gloo, pytorch/pytorch#56297's kind)."""
+    for _ in range(10):
+        time.sleep(0.05)  # the GIL released: a worker that needs it to free a finished work can take it
+    traceback.clear_frames(tb)  # the locals of the failed frames: the DDP module, the loop, the task
+    gc.collect()
 
 
 def torchrun_replica() -> tuple[int, int] | None:
