@@ -45,7 +45,7 @@ from data_prep.pack import sha256_file
 from reproduction.config import CifarConfig
 from reproduction.data import num_batches
 from reproduction.errors import UserError, reading
-from reproduction.files import read_json
+from reproduction.files import read_json, read_json_file
 from reproduction.training.loop import Loop, Options, Task, TrainingStopped, position_text
 from reproduction.optim import PaperSGD, fixed_schedule_lr
 from reproduction.training.runfolder import RunFolder, environment, git_state, read_metrics
@@ -506,7 +506,8 @@ def run(out: Path, c: CifarConfig, data: dict, meta: dict, *, log: Callable[[str
 def _recorded_config(out: Path) -> dict | None:
     if not (out / "config.json").is_file():
         return None
-    meta = read_json(out / "config.json")
+    meta = read_json_file(out / "config.json", "run record (config.json)",
+                          "the run folder is damaged: delete it to train this run again, or give another --out")
     return meta.get("config") if isinstance(meta, dict) else None
 
 
