@@ -91,7 +91,10 @@ def resize_center_crop(img: Image.Image, size: int = PAPER_SIZE, resample: str =
     else:
         new_w, new_h = max(size, round(w * size / h)), size
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    if max(new_w, new_h) > 16 * size:  # a strip (e.g. 1×100,000 px): resize only the kept region, not the whole
+    # DEVIATION(§2): for a strip (e.g. 1×100,000 px, aspect over 16) only the kept region is
+    # resampled, not the whole image first (which would need gigabytes); its edge pixels then
+    # differ slightly from resize-then-crop. Photographs never come near this.
+    if max(new_w, new_h) > 16 * size:
         sx, sy = w / new_w, h / new_h
         return img.resize((size, size), RESAMPLE[resample], box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     if (new_w, new_h) != (w, h):

@@ -437,21 +437,18 @@ def prepare(source: Source, out: Path, opts: Options, *, source_arg: str = "", f
 
 def _lock(out: Path) -> int:
     """Create `out` and hold an exclusive flock on it (dropped when the descriptor closes)."""
-    import fcntl
+    from reproduction.files import lock_folder
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test.tmp"
         probe.write_bytes(b"")
         probe.unlink()
-        fd = os.open(out, os.O_RDONLY)
+        fd = lock_folder(out)
     except OSError as e:
         raise PrepError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    if fd is None:
         raise PrepError(f"--out {out} is being prepared by another process now (it holds the folder's lock): "
-                        "wait for it to end, or choose another --out") from None
+                        "wait for it to end, or choose another --out")
     return fd
 
 

@@ -3,6 +3,7 @@ place and renamed over it. JSON holds finite numbers only (json's NaN/Infinity a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -79,3 +80,16 @@ def atomic_write(path: Path, write: Callable) -> None:
             pass
         raise
 
+
+
+def lock_folder(path: Path) -> int | None:
+    """An exclusive flock on the folder itself (no lock file to leave behind): its descriptor,
+    which holds the lock until closed, or None where another process holds it. OSError where
+    the folder cannot be opened."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

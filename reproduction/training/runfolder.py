@@ -19,7 +19,6 @@ metrics.jsonl (lines after it, or a line torn by a kill, are dropped, and the dr
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -35,7 +34,7 @@ import torchvision
 from reproduction.config import RunConfig
 from reproduction.errors import UserError, reading
 from reproduction.training.checkpoints import CHECKPOINT, config_dict, load_checkpoint, save_checkpoint
-from reproduction.files import atomic_write, dumps, finite, read_json, read_json_file, write_json
+from reproduction.files import atomic_write, dumps, finite, lock_folder, read_json, read_json_file, write_json
 
 BEST = "best.pt"  # the weights of the epoch with the lowest centre-patch val top-1 error (loop.py)
 RUN_FILES = ("config.json", "metrics.jsonl", "final.json", CHECKPOINT, BEST)
@@ -230,32 +229,26 @@ class RunFolder:
     def busy(self) -> bool:
         """Whether another process holds the folder's lock (is training into it now)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = lock_folder(self.path)
         except OSError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
+        if fd is None:
             return True
-        finally:
-            os.close(fd)  # drops the lock taken just now
+        os.close(fd)  # drops the lock taken just now
+        return False
 
     def lock(self) -> None:
-        """Exclusive flock on the folder itself (no lock file to leave behind); then clean up
-        what a killed writer left (only the lock holder may: another writer's temporaries are live)."""
+        """Exclusive flock on the folder itself; then clean up what a killed writer left (only
+        the lock holder may: another writer's temporaries are live)."""
         if not self.writer or self._fd is not None:
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = lock_folder(self.path)
         except OSError as e:
             raise UserError(f"{self.path}: cannot open the run folder ({e.strerror or e})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise UserError(f"{self.path} is being written by another process (it holds the folder's lock): "
-                            "wait for it to end, or give another --out") from None
+                            "wait for it to end, or give another --out")
         self._fd = fd
         for stale in self.path.glob(".*.tmp"):  # e.g. .checkpoint.pt.abc123.tmp from a SIGKILL mid-write
             stale.unlink(missing_ok=True)
